@@ -1,0 +1,1 @@
+"""fly-replay-router: session affinity for stateful MCP servers on Fly Machines."""
