@@ -1,1 +1,6 @@
-"""fly-replay-router: session affinity for stateful MCP servers on Fly Machines."""
+"""fly-replay-router: session affinity for stateful MCP servers on many Fly Machines."""
+
+from app.affinity.middleware import AffinityMiddleware
+from app.settings import AffinitySettings
+
+__all__ = ["AffinityMiddleware", "AffinitySettings"]

@@ -1,0 +1,1 @@
+"""The affinity layer: session tokens, the routing decision, and the ASGI middleware."""

@@ -1,0 +1,84 @@
+"""The routing decision for one request that carries a session token: a pure function, no I/O.
+
+The rules (``README.md`` "Routing rules" explains them to users):
+
+1. A token that does not verify (malformed, too long, forged, another app, retired key, expired)
+   is rejected: the request gets 404, the MCP signal to start a new session.
+2. The owner is this machine: serve the request here, with the inner session id restored.
+3. The owner is another machine, but Fly already tried to reach it (``fly-replay-failed``,
+   ``fly-preferred-instance-unavailable``) or already replayed the request once
+   (``fly-replay-src``): reject. A second replay could loop; the owner is gone or unreachable.
+4. Otherwise replay to the owner. Only a verified token can name a replay target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.affinity.token import InvalidToken, TokenCodec
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How the request reached this machine, as Fly's proxy reports it in request headers."""
+
+    replayed_from: str | None = None
+    """``fly-replay-src`` was present: the machine that replayed it ("" if the header names none)."""
+    replay_failed: bool = False
+    """``fly-replay-failed`` was present: a replay's target could not be reached (fallback)."""
+    preferred_unavailable: bool = False
+    """``fly-preferred-instance-unavailable`` was present: a preferred machine could not take it."""
+
+
+DIRECT = Arrival()
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """This machine owns the session: pass the request on with the inner id restored."""
+
+    inner_session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Another machine owns the session: answer with ``fly-replay`` naming it."""
+
+    owner_machine_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The session cannot be served: answer 404."""
+
+    reason: str
+    owner_machine_id: str | None = None
+
+
+Decision = Serve | Replay | Reject
+
+
+def decide(
+    token: str,
+    *,
+    machine_id: str,
+    codec: TokenCodec,
+    now: float,
+    max_age: float | None = None,
+    arrival: Arrival = DIRECT,
+) -> Decision:
+    """Decide what to do with a request carrying ``token`` that reached ``machine_id``."""
+    try:
+        session = codec.verify(token, now=now, max_age=max_age)
+    except InvalidToken as exc:
+        return Reject(exc.reason)
+    owner = session.owner_machine_id
+    if owner == machine_id:
+        return Serve(session.inner_session_id)
+    if arrival.replay_failed:
+        return Reject("owner unreachable: fly-replay-failed", owner)
+    if arrival.preferred_unavailable:
+        return Reject("owner unavailable: fly-preferred-instance-unavailable", owner)
+    if arrival.replayed_from is not None:
+        return Reject("already replayed once, and not to the owner", owner)
+    return Replay(owner)

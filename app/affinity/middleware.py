@@ -1,0 +1,222 @@
+"""AffinityMiddleware: pure ASGI, in front of an unmodified MCP server, on every machine.
+
+What it trusts: the ``fly-replay-src``, ``fly-replay-failed`` and ``fly-preferred-instance-unavailable``
+request headers, which Fly's proxy sets and strips from client requests. A client that forges them
+can only turn its own request into a 404: a replay target always comes from a verified token.
+
+Carriers of a session id, in the order they are looked for:
+
+- the ``Mcp-Session-Id`` request header (Streamable HTTP, every method);
+- the ``session_id`` query parameter (legacy HTTP+SSE message posts).
+
+References: MCP "Streamable HTTP" and "HTTP with SSE" transports (session management, 404 to
+restart); Fly "Dynamic request routing" (``fly-replay``); ``shared/reference/*.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.affinity.decision import Arrival, Reject, Replay, decide
+from app.affinity.sse import EndpointEventRewriter
+from app.affinity.token import TokenCodec
+from app.fly import (
+    FLY_PREFERRED_INSTANCE_UNAVAILABLE,
+    FLY_REPLAY,
+    FLY_REPLAY_FAILED,
+    FLY_REPLAY_SRC,
+    FLY_REQUEST_ID,
+    parse_replay_src,
+)
+from app.settings import AffinitySettings
+
+logger = logging.getLogger("app.affinity")
+
+MCP_SESSION_ID = b"mcp-session-id"
+MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
+_HANDSHAKE_VERSIONS = frozenset(version.encode("ascii") for version in HANDSHAKE_PROTOCOL_VERSIONS)
+_FLY_REPLAY_SRC = FLY_REPLAY_SRC.encode("ascii")
+_FLY_REPLAY_FAILED = FLY_REPLAY_FAILED.encode("ascii")
+_FLY_PREFERRED_UNAVAILABLE = FLY_PREFERRED_INSTANCE_UNAVAILABLE.encode("ascii")
+_FLY_REQUEST_ID = FLY_REQUEST_ID.encode("ascii")
+_LEGACY_SESSION_PARAM = re.compile(rb"(?:^|&)session_id=([^&]*)")
+
+# The same body the SDK sends for an unknown session (JSON-RPC "Invalid Request", no id).
+SESSION_NOT_FOUND_BODY = json.dumps(
+    {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}},
+    separators=(",", ":"),
+).encode("utf-8")
+_NOT_FOUND_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(SESSION_NOT_FOUND_BODY)).encode("ascii")),
+]
+
+
+class AffinityMiddleware:
+    """Keeps every request of an MCP session on the machine that holds the session in memory.
+
+    Wraps the inner server's session ids in signed tokens naming this machine, and routes each
+    request that carries a token: served here, replayed to its owner with ``fly-replay``, or
+    answered 404. Other traffic (no session, 2026-07-28 requests, lifespan, websockets) passes
+    through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, *, settings: AffinitySettings) -> None:
+        self.app = app
+        self.settings = settings
+        self._codec = TokenCodec(settings.secret_keys, app_name=settings.app_name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token: bytes | None = None
+        version: bytes | None = None
+        replayed_from: bytes | None = None
+        replay_failed = preferred_unavailable = False
+        for name, value in scope["headers"]:
+            if name == MCP_SESSION_ID:
+                token = value
+            elif name == MCP_PROTOCOL_VERSION:
+                version = value
+            elif name == _FLY_REPLAY_SRC:
+                replayed_from = value
+            elif name == _FLY_REPLAY_FAILED:
+                replay_failed = True
+            elif name == _FLY_PREFERRED_UNAVAILABLE:
+                preferred_unavailable = True
+        if version is not None and version not in _HANDSHAKE_VERSIONS:
+            # 2026-07-28 and later: sessionless, any machine serves it.
+            await self.app(scope, receive, send)
+            return
+
+        legacy_match = None
+        if token is None:
+            legacy_match = _LEGACY_SESSION_PARAM.search(scope["query_string"])
+            if legacy_match is None:
+                await self.app(scope, receive, self._wrapping_send(scope, send, incoming=None))
+                return
+            token = unquote(legacy_match.group(1).decode("latin-1")).encode("latin-1")
+
+        token_text = token.decode("latin-1")
+        arrival = (
+            Arrival(
+                replayed_from=_replay_source_instance(replayed_from),
+                replay_failed=replay_failed,
+                preferred_unavailable=preferred_unavailable,
+            )
+            if replayed_from is not None or replay_failed or preferred_unavailable
+            else Arrival()
+        )
+        decision = decide(
+            token_text,
+            machine_id=self.settings.machine_id,
+            codec=self._codec,
+            now=time.time(),
+            max_age=self.settings.max_token_age,
+            arrival=arrival,
+        )
+        if isinstance(decision, Replay):
+            await self._send_replay(scope, send, decision)
+            return
+        if isinstance(decision, Reject):
+            self._log(scope, decision.reason, decision.owner_machine_id)
+            await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
+            await send({"type": "http.response.body", "body": SESSION_NOT_FOUND_BODY})
+            return
+
+        inner = decision.inner_session_id.encode("ascii")
+        scope = dict(scope)
+        if legacy_match is None:
+            scope["headers"] = [(name, inner if name == MCP_SESSION_ID else value) for name, value in scope["headers"]]
+        else:
+            query: bytes = scope["query_string"]
+            start, end = legacy_match.span(1)
+            scope["query_string"] = query[:start] + inner + query[end:]
+        await self.app(scope, receive, self._wrapping_send(scope, send, incoming=(inner, token)))
+
+    def issue_token(self, inner_session_id: str) -> str:
+        """A token for a session id the inner app minted on this machine."""
+        return self._codec.issue(self.settings.machine_id, inner_session_id, now=time.time())
+
+    def _wrapping_send(self, scope: Scope, send: Send, *, incoming: tuple[bytes, bytes] | None) -> Send:
+        """``send`` with the inner app's session ids turned into tokens on their way out.
+
+        ``incoming`` is the (inner id, token) pair the request carried: a response that repeats the
+        inner id gets the client's own token back unchanged, so a session keeps one token (which is
+        also what Fly's replay cache keys on).
+        """
+        rewriter: EndpointEventRewriter | None = None
+        scan_for_endpoint = incoming is None and scope["method"] == "GET"
+
+        async def send_wrapped(message: Message) -> None:
+            nonlocal rewriter
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", ())
+                if any(name == MCP_SESSION_ID for name, _ in headers):
+                    message = {**message, "headers": [self._outgoing(header, incoming) for header in headers]}
+                if scan_for_endpoint and _is_event_stream(headers):
+                    rewriter = EndpointEventRewriter(self.issue_token)
+            elif message["type"] == "http.response.body" and rewriter is not None and not rewriter.done:
+                body = rewriter.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body += rewriter.flush()
+                message = {**message, "body": body}
+            await send(message)
+
+        return send_wrapped
+
+    def _outgoing(self, header: tuple[bytes, bytes], incoming: tuple[bytes, bytes] | None) -> tuple[bytes, bytes]:
+        name, value = header
+        if name != MCP_SESSION_ID:
+            return header
+        if incoming is not None and value == incoming[0]:
+            return (name, incoming[1])
+        return (name, self.issue_token(value.decode("latin-1")).encode("ascii"))
+
+    async def _send_replay(self, scope: Scope, send: Send, decision: Replay) -> None:
+        owner = decision.owner_machine_id
+        instruction = self.settings.replay_instruction(owner).to_header().encode("ascii")
+        self._log(scope, "session owned by another machine: fly-replay", owner)
+        body = f"Session owned by machine {owner}: Fly's proxy replays this request there.\n".encode("ascii")
+        headers = [
+            (FLY_REPLAY.encode("ascii"), instruction),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        # 307, not 2xx: without Fly in front, this answer must not look like a success.
+        await send({"type": "http.response.start", "status": 307, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _log(self, scope: Scope, reason: str, owner: str | None) -> None:
+        request_id = next((value for name, value in scope["headers"] if name == _FLY_REQUEST_ID), b"-")
+        logger.info(
+            "affinity: %s (owner=%s machine=%s request=%s %s %s)",
+            reason,
+            owner or "-",
+            self.settings.machine_id,
+            request_id.decode("latin-1"),
+            scope["method"],
+            scope["path"],
+        )
+
+
+def _replay_source_instance(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return parse_replay_src(value.decode("latin-1")).instance or ""
+
+
+def _is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False

@@ -1,0 +1,103 @@
+"""The session token: an inner MCP session id, signed together with the machine that owns it.
+
+Format (every part URL-safe ASCII, joined with ``.``)::
+
+    <owner machine id>.<inner id, base64url>.<issued at, base64url int>.<HMAC-SHA256, base64url>
+
+A 32-hex inner id (the SDK's ``uuid4().hex``) gives a 109-character token. The signature covers
+the first three parts exactly; its key is derived from the secret *and* the app name, so a token of
+another app or another secret never verifies. Signing and the key ring are itsdangerous's
+``Signer``: every key of the ring verifies, the first one signs.
+
+Reference: itsdangerous ``signer.py`` (key ring, salt per purpose); MCP's session id rule (visible
+ASCII only, 0x21-0x7E).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, Signer
+from itsdangerous.encoding import base64_decode, base64_encode, bytes_to_int, int_to_bytes
+
+MAX_TOKEN_LENGTH = 256
+MAX_INNER_SESSION_ID_LENGTH = 128
+# Tokens minted on a machine whose clock runs ahead are still young, not "from the future".
+CLOCK_SKEW_SECONDS = 60
+
+_SALT = "fly-replay-router session token v1 for app "
+# A base64url string of 43 characters (32 bytes) leaves two bits of its last character unused;
+# only the canonical characters are accepted, so a token has exactly one spelling.
+_TOKEN = re.compile(
+    r"(?P<owner>[0-9a-z]{1,32})\.(?P<inner>[A-Za-z0-9_-]{2,171})\.(?P<issued>[A-Za-z0-9_-]{1,12})"
+    r"\.[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]"
+)
+_VISIBLE_ASCII = re.compile(rf"[\x21-\x7e]{{1,{MAX_INNER_SESSION_ID_LENGTH}}}")
+
+
+class InvalidToken(Exception):
+    """A session token that does not prove an owner; ``reason`` says why, for the log line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SessionToken:
+    """What a verified token proves."""
+
+    owner_machine_id: str
+    inner_session_id: str
+    issued_at: int
+
+
+class TokenCodec:
+    """Issues and verifies session tokens for one app with one key ring."""
+
+    def __init__(self, secret_keys: Sequence[str], *, app_name: str) -> None:
+        if not secret_keys:
+            raise ValueError("a token codec needs at least one secret key")
+        # itsdangerous signs with the *last* key of its list and tries the newest first.
+        self._signer = Signer(
+            list(reversed(secret_keys)),
+            salt=_SALT + app_name,
+            digest_method=hashlib.sha256,
+        )
+
+    def issue(self, owner_machine_id: str, inner_session_id: str, *, now: float) -> str:
+        """A token proving that ``owner_machine_id`` holds ``inner_session_id``."""
+        if not _VISIBLE_ASCII.fullmatch(inner_session_id):
+            raise ValueError(
+                f"the inner server minted a session id that cannot be wrapped: it must be 1 to "
+                f"{MAX_INNER_SESSION_ID_LENGTH} visible ASCII characters (MCP's rule)"
+            )
+        inner = base64_encode(inner_session_id).decode("ascii")
+        issued = base64_encode(int_to_bytes(int(now))).decode("ascii")
+        return self._signer.sign(f"{owner_machine_id}.{inner}.{issued}").decode("ascii")
+
+    def verify(self, token: str, *, now: float, max_age: float | None = None) -> SessionToken:
+        """The owner and inner id a token proves. Raises ``InvalidToken`` for anything else."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken("token too long")
+        match = _TOKEN.fullmatch(token)
+        if match is None:
+            raise InvalidToken("malformed token")
+        try:
+            self._signer.unsign(token)
+        except BadSignature:
+            raise InvalidToken("bad signature (forged, another app, or a retired key)") from None
+        issued_at = bytes_to_int(base64_decode(match["issued"]))
+        age = now - issued_at
+        if age < -CLOCK_SKEW_SECONDS:
+            raise InvalidToken("token issued in the future")
+        if max_age is not None and age > max_age:
+            raise InvalidToken("token expired")
+        return SessionToken(
+            owner_machine_id=match["owner"],
+            inner_session_id=base64_decode(match["inner"]).decode("ascii"),
+            issued_at=issued_at,
+        )

@@ -1,0 +1,117 @@
+"""AffinitySettings: everything the affinity layer needs to know, read once at start-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from app.fly import MACHINE_ID_PATTERN, ReplayInstruction, parse_duration
+
+logger = logging.getLogger("app.settings")
+
+Failover = Literal["safe", "cached", "prefer"]
+MIN_SECRET_LENGTH = 16
+_SECRET_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+@dataclass(frozen=True, slots=True)
+class AffinitySettings:
+    """The affinity layer's configuration. Validated on construction.
+
+    - ``machine_id``: this machine's id, the value Fly's ``instance=`` takes (``FLY_MACHINE_ID``).
+    - ``secret_keys``: the key ring; the first key signs new tokens, every key verifies.
+    - ``app_name``: tokens are bound to it: another app's token never verifies (``FLY_APP_NAME``).
+    - ``region``: this machine's region, for logs (``FLY_REGION``).
+    - ``max_token_age``: seconds after which a token is refused (404); ``None`` for no limit.
+    - ``failover``: how a request for another machine's session is replayed:
+      ``"safe"`` (``instance=…;timeout=…;fallback=force_self``: a dead owner brings the request back
+      and it gets 404), ``"cached"`` (plain ``instance=…``, for fly.toml's replay cache rule) or
+      ``"prefer"`` (``prefer_instance=…``: another machine takes it and answers 404).
+    - ``replay_timeout``: seconds Fly keeps trying the owner in ``"safe"`` mode.
+    """
+
+    machine_id: str
+    secret_keys: tuple[str, ...]
+    app_name: str = "local-mcp"
+    region: str = "local"
+    max_token_age: float | None = None
+    failover: Failover = "safe"
+    replay_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
+            raise ValueError(
+                f"machine_id {self.machine_id!r} is not a machine id: use 1 to 32 lowercase letters and "
+                "digits, as Fly's FLY_MACHINE_ID (14 hex characters)"
+            )
+        if isinstance(self.secret_keys, str) or not self.secret_keys:
+            raise ValueError("secret_keys must be a non-empty tuple of keys; the first one signs")
+        if any(len(key) < MIN_SECRET_LENGTH for key in self.secret_keys):
+            raise ValueError(
+                f"every secret key must be at least {MIN_SECRET_LENGTH} characters; make one with: {_SECRET_HINT}"
+            )
+        if not self.app_name or any(char.isspace() for char in self.app_name):
+            raise ValueError(f"app_name {self.app_name!r} must be a non-empty name without spaces")
+        if self.max_token_age is not None and not self.max_token_age > 0:
+            raise ValueError("max_token_age must be a positive number of seconds, or None for no limit")
+        if self.failover not in get_args(Failover):
+            raise ValueError(f"failover {self.failover!r} must be one of {', '.join(get_args(Failover))}")
+        if not 0 < self.replay_timeout <= 60:
+            raise ValueError("replay_timeout must be more than 0 and at most 60 seconds")
+
+    def replay_instruction(self, owner_machine_id: str) -> ReplayInstruction:
+        """The ``fly-replay`` instruction that sends a request to its session's owner."""
+        if self.failover == "cached":
+            return ReplayInstruction(instance=owner_machine_id)
+        if self.failover == "prefer":
+            return ReplayInstruction(prefer_instance=owner_machine_id)
+        return ReplayInstruction(instance=owner_machine_id, timeout=self.replay_timeout, fallback="force_self")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AffinitySettings:
+        """Read Fly's machine environment and the ``AFFINITY_*`` options.
+
+        On Fly (``FLY_MACHINE_ID`` set) ``AFFINITY_SECRET`` is required. Outside Fly a missing
+        machine id or secret is invented for this process, with a warning: tokens then verify only
+        on this process.
+        """
+        env = os.environ if environ is None else environ
+        machine_id = env.get("FLY_MACHINE_ID", "").strip()
+        secret_keys = tuple(key.strip() for key in env.get("AFFINITY_SECRET", "").split(",") if key.strip())
+        if not secret_keys:
+            if machine_id:
+                raise ValueError(
+                    "AFFINITY_SECRET is not set. Every machine of the app must share one signing secret; set it "
+                    f'once for the app with: fly secrets set AFFINITY_SECRET="$({_SECRET_HINT})"'
+                )
+            logger.warning("AFFINITY_SECRET is not set: using an ephemeral secret, valid for this process only")
+            secret_keys = (secrets.token_urlsafe(32),)
+        if not machine_id:
+            machine_id = secrets.token_hex(7)
+            logger.warning("FLY_MACHINE_ID is not set (not on Fly): this process is machine %s", machine_id)
+        max_age = env.get("AFFINITY_MAX_TOKEN_AGE", "").strip()
+        timeout = env.get("AFFINITY_REPLAY_TIMEOUT", "").strip()
+        return cls(
+            machine_id=machine_id,
+            secret_keys=secret_keys,
+            app_name=env.get("FLY_APP_NAME", "").strip() or "local-mcp",
+            region=env.get("FLY_REGION", "").strip() or "local",
+            max_token_age=_seconds("AFFINITY_MAX_TOKEN_AGE", max_age) if max_age else None,
+            failover=env.get("AFFINITY_FAILOVER", "safe").strip() or "safe",  # type: ignore[arg-type]  # validated
+            replay_timeout=_seconds("AFFINITY_REPLAY_TIMEOUT", timeout) if timeout else 5.0,
+        )
+
+
+def _seconds(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a duration: give seconds (30) or a unit (800ms, 10s, 12h)") from None

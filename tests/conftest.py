@@ -1,0 +1,111 @@
+"""Shared fixtures: the anyio backend, and real uvicorn machines of the demo app on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-for-the-fleet-0123456789"
+APP_NAME = "test-mcp"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Machine:
+    """One uvicorn process of an ASGI app, as a Fly Machine would run it."""
+
+    machine_id: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_machine(
+    machine_id: str,
+    *,
+    app: str = "app.main:app",
+    secret: str = SECRET,
+    app_name: str = APP_NAME,
+    extra_env: dict[str, str] | None = None,
+) -> Machine:
+    """Start ``app`` under uvicorn on a free loopback port and wait until it answers."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLY_MACHINE_ID": machine_id,
+        "FLY_APP_NAME": app_name,
+        "FLY_REGION": "lcl",
+        "AFFINITY_SECRET": secret,
+        **(extra_env or {}),
+    }
+    log_file = tempfile.NamedTemporaryFile(prefix=f"machine-{machine_id}-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    log_file.close()
+    machine = Machine(machine_id, f"http://127.0.0.1:{port}", process, Path(log_file.name))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"machine {machine_id} exited during start:\n{machine.log()}")
+        try:
+            if httpx.get(f"{machine.url}/healthz", timeout=1).status_code == 200:
+                return machine
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    machine.stop()
+    raise RuntimeError(f"machine {machine_id} did not answer /healthz in 20 s:\n{machine.log()}")
+
+
+@pytest.fixture(scope="module")
+def two_machines() -> Iterator[tuple[Machine, Machine]]:
+    """Machines A and B of the demo app: one app, one secret, two machine ids."""
+    machine_a = start_machine("aaaaaaaaaaaaaa")
+    try:
+        machine_b = start_machine("bbbbbbbbbbbbbb")
+    except BaseException:
+        machine_a.stop()
+        raise
+    try:
+        yield machine_a, machine_b
+    finally:
+        machine_a.stop()
+        machine_b.stop()

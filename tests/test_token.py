@@ -1,0 +1,127 @@
+"""The session token codec: round trip, tampering, keys, age, size, app binding."""
+
+from __future__ import annotations
+
+import re
+import string
+
+import pytest
+
+from app.affinity.token import MAX_TOKEN_LENGTH, InvalidToken, TokenCodec
+
+KEY_1 = "first-key-0123456789abcdef"
+KEY_2 = "second-key-0123456789abcdef"
+OWNER = "148e272a6d4689"
+INNER = "7da4e80665bd4c6fb73231d63f0c227f"
+NOW = 1_795_000_000.0
+
+
+def codec(*keys: str, app_name: str = "app-one") -> TokenCodec:
+    return TokenCodec(keys or (KEY_1,), app_name=app_name)
+
+
+def test_round_trip_gives_back_owner_and_inner_id() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    session = codec().verify(token, now=NOW + 5)
+    assert (session.owner_machine_id, session.inner_session_id, session.issued_at) == (OWNER, INNER, int(NOW))
+
+
+def test_token_is_short_url_safe_visible_ascii() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    assert len(token) < 120
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", token)
+
+
+@pytest.mark.parametrize("inner", ["a", "x" * 128, "id.with.dots", "ab+/=?&%", string.punctuation])
+def test_any_visible_ascii_inner_id_round_trips(inner: str) -> None:
+    token = codec().issue(OWNER, inner, now=NOW)
+    assert codec().verify(token, now=NOW).inner_session_id == inner
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", token)
+    assert len(token) <= MAX_TOKEN_LENGTH
+
+
+@pytest.mark.parametrize("inner", ["", "has space", "tab\t", "é", "x" * 129])
+def test_inner_ids_outside_mcps_rule_are_refused_at_issue(inner: str) -> None:
+    with pytest.raises(ValueError, match="visible ASCII"):
+        codec().issue(OWNER, inner, now=NOW)
+
+
+def test_every_single_character_change_is_rejected() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    alphabet = string.ascii_letters + string.digits + "-_.~!"
+    for position in range(len(token)):
+        for replacement in alphabet:
+            if replacement == token[position]:
+                continue
+            tampered = token[:position] + replacement + token[position + 1 :]
+            with pytest.raises(InvalidToken):
+                codec().verify(tampered, now=NOW)
+
+
+def test_truncated_and_extended_tokens_are_rejected() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    for cut in range(len(token)):
+        with pytest.raises(InvalidToken):
+            codec().verify(token[:cut], now=NOW)
+    for suffix in ("A", ".", "=", "==", " "):
+        with pytest.raises(InvalidToken):
+            codec().verify(token + suffix, now=NOW)
+
+
+def test_token_signed_with_unknown_key_is_rejected() -> None:
+    token = codec(KEY_2).issue(OWNER, INNER, now=NOW)
+    with pytest.raises(InvalidToken, match="bad signature"):
+        codec(KEY_1).verify(token, now=NOW)
+
+
+def test_token_of_another_app_is_rejected_even_with_the_same_secret() -> None:
+    token = codec(app_name="app-two").issue(OWNER, INNER, now=NOW)
+    with pytest.raises(InvalidToken, match="bad signature"):
+        codec(app_name="app-one").verify(token, now=NOW)
+
+
+def test_key_rotation_first_key_signs_every_key_verifies() -> None:
+    old = codec(KEY_1).issue(OWNER, INNER, now=NOW)
+    rotated = codec(KEY_2, KEY_1)
+    assert rotated.verify(old, now=NOW).inner_session_id == INNER
+    new = rotated.issue(OWNER, INNER, now=NOW)
+    assert codec(KEY_2).verify(new, now=NOW).inner_session_id == INNER
+    with pytest.raises(InvalidToken):
+        codec(KEY_1).verify(new, now=NOW)
+    with pytest.raises(InvalidToken):
+        codec(KEY_2).verify(old, now=NOW)
+
+
+def test_max_age() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    assert codec().verify(token, now=NOW + 3600, max_age=3600).owner_machine_id == OWNER
+    with pytest.raises(InvalidToken, match="expired"):
+        codec().verify(token, now=NOW + 3602, max_age=3600)
+    assert codec().verify(token, now=NOW + 10**7).owner_machine_id == OWNER
+
+
+def test_small_clock_skew_is_tolerated_a_token_from_the_future_is_not() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    assert codec().verify(token, now=NOW - 30, max_age=60).owner_machine_id == OWNER
+    with pytest.raises(InvalidToken, match="future"):
+        codec().verify(token, now=NOW - 3600)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", ".", "...", "a.b.c.d", "x" * (MAX_TOKEN_LENGTH + 1), "\x00\x01", "é" * 10, OWNER, INNER, "None"],
+)
+def test_garbage_is_rejected_without_other_exceptions(garbage: str) -> None:
+    with pytest.raises(InvalidToken):
+        codec().verify(garbage, now=NOW)
+
+
+def test_over_long_token_is_rejected_before_any_signature_work() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    with pytest.raises(InvalidToken, match="too long"):
+        codec().verify(token + "A" * MAX_TOKEN_LENGTH, now=NOW)
+
+
+def test_codec_needs_a_key() -> None:
+    with pytest.raises(ValueError, match="at least one secret key"):
+        TokenCodec((), app_name="x")
