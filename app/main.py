@@ -8,18 +8,17 @@ what breaks without affinity) and ``measure`` (the number of characters it was s
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 from app.affinity.middleware import AffinityMiddleware
+from app.hosts import transport_security
 from app.settings import AffinitySettings
 
 MAX_COUNTED_SESSIONS = 100_000
@@ -61,21 +60,8 @@ def _session_id(request: object) -> str | None:
     return request.headers.get("mcp-session-id") or request.query_params.get("session_id")
 
 
-def transport_security(app_name: str, extra_hosts: str) -> TransportSecuritySettings:
-    """The SDK's DNS-rebinding check, opened to loopback, ``<app>.fly.dev`` and ``extra_hosts``.
-
-    ``extra_hosts`` is a comma-separated list (``AFFINITY_ALLOWED_HOSTS``): ``example.com`` or
-    ``example.com:*`` (any port). The SDK matches hosts exactly; it has no subdomain wildcards.
-    """
-    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", f"{app_name}.fly.dev", f"{app_name}.fly.dev:*"]
-    hosts += [host.strip() for host in extra_hosts.split(",") if host.strip()]
-    origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
-    return TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
-
-
-security = transport_security(settings.app_name, os.environ.get("AFFINITY_ALLOWED_HOSTS", ""))
-streamable_app = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=security)
-sse_app = mcp.sse_app(transport_security=security)
+streamable_app = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=transport_security(settings))
+sse_app = mcp.sse_app(transport_security=transport_security(settings))
 
 
 @asynccontextmanager

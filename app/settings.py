@@ -32,6 +32,8 @@ class AffinitySettings:
       and it gets 404), ``"cached"`` (plain ``instance=…``, for fly.toml's replay cache rule) or
       ``"prefer"`` (``prefer_instance=…``: another machine takes it and answers 404).
     - ``replay_timeout``: seconds Fly keeps trying the owner in ``"safe"`` mode.
+    - ``allowed_hosts``: extra ``Host`` values the MCP server accepts (``example.com``, or
+      ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``app.hosts``.
     """
 
     machine_id: str
@@ -41,6 +43,7 @@ class AffinitySettings:
     max_token_age: float | None = None
     failover: Failover = "safe"
     replay_timeout: float = 5.0
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -62,6 +65,8 @@ class AffinitySettings:
             raise ValueError(f"failover {self.failover!r} must be one of {', '.join(get_args(Failover))}")
         if not 0 < self.replay_timeout <= 60:
             raise ValueError("replay_timeout must be more than 0 and at most 60 seconds")
+        if isinstance(self.allowed_hosts, str) or any(not host or "/" in host for host in self.allowed_hosts):
+            raise ValueError("allowed_hosts must be a tuple of host names such as example.com or example.com:*")
 
     def replay_instruction(self, owner_machine_id: str) -> ReplayInstruction:
         """The ``fly-replay`` instruction that sends a request to its session's owner."""
@@ -81,7 +86,7 @@ class AffinitySettings:
         """
         env = os.environ if environ is None else environ
         machine_id = env.get("FLY_MACHINE_ID", "").strip()
-        secret_keys = tuple(key.strip() for key in env.get("AFFINITY_SECRET", "").split(",") if key.strip())
+        secret_keys = _comma_list(env.get("AFFINITY_SECRET", ""))
         if not secret_keys:
             if machine_id:
                 raise ValueError(
@@ -103,7 +108,14 @@ class AffinitySettings:
             max_token_age=_seconds("AFFINITY_MAX_TOKEN_AGE", max_age) if max_age else None,
             failover=env.get("AFFINITY_FAILOVER", "safe").strip() or "safe",  # type: ignore[arg-type]  # validated
             replay_timeout=_seconds("AFFINITY_REPLAY_TIMEOUT", timeout) if timeout else 5.0,
+            allowed_hosts=tuple(
+                host.strip() for host in env.get("AFFINITY_ALLOWED_HOSTS", "").split(",") if host.strip()
+            ),
         )
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _seconds(name: str, text: str) -> float:

@@ -61,7 +61,10 @@ def start_machine(
     app_name: str = APP_NAME,
     extra_env: dict[str, str] | None = None,
 ) -> Machine:
-    """Start ``app`` under uvicorn on a free loopback port and wait until it answers."""
+    """Start ``app`` under uvicorn on a free loopback port and wait until it answers.
+
+    Any HTTP answer counts: uvicorn answers only once the app's lifespan has started.
+    """
     port = free_port()
     env = {
         **os.environ,
@@ -86,13 +89,13 @@ def start_machine(
         if process.poll() is not None:
             raise RuntimeError(f"machine {machine_id} exited during start:\n{machine.log()}")
         try:
-            if httpx.get(f"{machine.url}/healthz", timeout=1).status_code == 200:
-                return machine
+            httpx.get(f"{machine.url}/healthz", timeout=1)
+            return machine
         except httpx.TransportError:
             pass
         time.sleep(0.05)
     machine.stop()
-    raise RuntimeError(f"machine {machine_id} did not answer /healthz in 20 s:\n{machine.log()}")
+    raise RuntimeError(f"machine {machine_id} did not answer HTTP in 20 s:\n{machine.log()}")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""The README's "Mount it in your own FastAPI app" snippet, run exactly as written, on two machines."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import ROOT, Machine, start_machine
+
+pytestmark = pytest.mark.anyio
+
+
+def readme_snippet() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Mount it in your own FastAPI app", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "the README section has no python block"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def snippet_machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Machine, Machine]]:
+    folder: Path = tmp_path_factory.mktemp("user-app")
+    (folder / "my_server.py").write_text(readme_snippet())
+    env = {"PYTHONPATH": str(folder)}
+    machine_a = start_machine("a1a1a1a1a1a1a1", app="my_server:api", extra_env=env)
+    try:
+        machine_b = start_machine("b2b2b2b2b2b2b2", app="my_server:api", extra_env=env)
+    except BaseException:
+        machine_a.stop()
+        raise
+    try:
+        yield machine_a, machine_b
+    finally:
+        machine_a.stop()
+        machine_b.stop()
+
+
+def tool_text(result: Any) -> str:
+    return str(result.content[0].text)
+
+
+async def test_the_snippet_serves_mcp_at_the_sub_path_with_affinity(snippet_machines: tuple[Machine, Machine]) -> None:
+    machine_a, machine_b = snippet_machines
+    tokens: list[str] = []
+
+    async def record_token(response: httpx2.Response) -> None:
+        if "mcp-session-id" in response.headers:
+            tokens.append(response.headers["mcp-session-id"])
+
+    async with (
+        httpx2.AsyncClient(event_hooks={"response": [record_token]}, timeout=30) as http,
+        Client(streamable_http_client(f"{machine_a.url}/notes/mcp", http_client=http), mode="legacy") as client,
+    ):
+        counts = [tool_text(await client.call_tool("add_note", {"text": f"n{i}"})) for i in range(3)]
+        assert counts == ["1", "2", "3"]
+        assert tokens[0].startswith(machine_a.machine_id + ".")
+        async with httpx.AsyncClient(timeout=10) as raw:
+            landed_on_b = await raw.post(
+                f"{machine_b.url}/notes/mcp",
+                headers={
+                    "accept": "application/json, text/event-stream",
+                    "content-type": "application/json",
+                    "mcp-session-id": tokens[0],
+                    "mcp-protocol-version": "2025-11-25",
+                },
+                json={"jsonrpc": "2.0", "id": 9, "method": "tools/list"},
+            )
+        assert landed_on_b.status_code == 307
+        assert landed_on_b.headers["fly-replay"].startswith(f"instance={machine_a.machine_id};")
