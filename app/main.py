@@ -1,7 +1,7 @@
 """The deployable demo: an unmodified MCP server behind the affinity layer, as a FastAPI app.
 
 Serve it with ``uvicorn app.main:app``. Endpoints: Streamable HTTP MCP at ``/mcp``, legacy
-HTTP+SSE at ``/sse`` (messages under ``/messages/``), ``GET /healthz``. Tools: ``whoami`` (this
+HTTP+SSE at ``/sse`` (messages under ``/messages/``), ``GET /healthz``, ``GET /metrics``. Tools: ``whoami`` (this
 machine's id), ``count`` (a per-session counter kept in this process's memory, which is exactly
 what breaks without affinity) and ``measure`` (the number of characters it was sent).
 """
@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from mcp.server.mcpserver import Context, MCPServer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 
 from app.affinity.middleware import AffinityMiddleware
 from app.hosts import transport_security
 from app.settings import AffinitySettings
+from app.streaming import UncompressedStreamsMiddleware
 
 MAX_COUNTED_SESSIONS = 100_000
 
@@ -80,6 +82,13 @@ async def healthz() -> str:
     return "ok"
 
 
+@app.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus text format: the affinity layer's routing decisions, and the process."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 app.router.routes.extend(streamable_app.routes)
 app.router.routes.extend(sse_app.routes)
 app.add_middleware(AffinityMiddleware, settings=settings)
+app.add_middleware(UncompressedStreamsMiddleware)  # outermost: sees the final response headers

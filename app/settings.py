@@ -15,6 +15,8 @@ logger = logging.getLogger("app.settings")
 
 Failover = Literal["safe", "cached", "prefer"]
 MIN_SECRET_LENGTH = 16
+# Fly's private network (6PN): every machine of an app, by id, on the Dockerfile's port.
+DEFAULT_PEER_URL_TEMPLATE = "http://{machine_id}.vm.{app_name}.internal:8080"
 _SECRET_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
@@ -32,6 +34,10 @@ class AffinitySettings:
       and it gets 404), ``"cached"`` (plain ``instance=…``, for fly.toml's replay cache rule) or
       ``"prefer"`` (``prefer_instance=…``: another machine takes it and answers 404).
     - ``replay_timeout``: seconds Fly keeps trying the owner in ``"safe"`` mode.
+    - ``peer_url_template``: how to reach another machine directly, for bodies Fly cannot replay;
+      ``{machine_id}`` and ``{app_name}`` are filled in (Fly's private network by default).
+    - ``peer_urls``: explicit ``(machine_id, base URL)`` pairs that win over the template (the local
+      fleet sets them).
     - ``allowed_hosts``: extra ``Host`` values the MCP server accepts (``example.com``, or
       ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``app.hosts``.
     """
@@ -43,6 +49,8 @@ class AffinitySettings:
     max_token_age: float | None = None
     failover: Failover = "safe"
     replay_timeout: float = 5.0
+    peer_url_template: str = DEFAULT_PEER_URL_TEMPLATE
+    peer_urls: tuple[tuple[str, str], ...] = ()
     allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -65,6 +73,11 @@ class AffinitySettings:
             raise ValueError(f"failover {self.failover!r} must be one of {', '.join(get_args(Failover))}")
         if not 0 < self.replay_timeout <= 60:
             raise ValueError("replay_timeout must be more than 0 and at most 60 seconds")
+        if "{machine_id}" not in self.peer_url_template or not _is_http_url(self.peer_url_template):
+            raise ValueError("peer_url_template must be an http(s) URL containing {machine_id}")
+        for machine_id, url in self.peer_urls:
+            if not MACHINE_ID_PATTERN.fullmatch(machine_id) or not _is_http_url(url):
+                raise ValueError(f"peer {machine_id}={url} must be a machine id and an http(s) URL")
         if isinstance(self.allowed_hosts, str) or any(not host or "/" in host for host in self.allowed_hosts):
             raise ValueError("allowed_hosts must be a tuple of host names such as example.com or example.com:*")
 
@@ -75,6 +88,13 @@ class AffinitySettings:
         if self.failover == "prefer":
             return ReplayInstruction(prefer_instance=owner_machine_id)
         return ReplayInstruction(instance=owner_machine_id, timeout=self.replay_timeout, fallback="force_self")
+
+    def peer_url(self, machine_id: str) -> str:
+        """The base URL (scheme, host, port) at which ``machine_id`` is reached directly."""
+        for peer_id, url in self.peer_urls:
+            if peer_id == machine_id:
+                return url.rstrip("/")
+        return self.peer_url_template.format(machine_id=machine_id, app_name=self.app_name).rstrip("/")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AffinitySettings:
@@ -108,14 +128,25 @@ class AffinitySettings:
             max_token_age=_seconds("AFFINITY_MAX_TOKEN_AGE", max_age) if max_age else None,
             failover=env.get("AFFINITY_FAILOVER", "safe").strip() or "safe",  # type: ignore[arg-type]  # validated
             replay_timeout=_seconds("AFFINITY_REPLAY_TIMEOUT", timeout) if timeout else 5.0,
-            allowed_hosts=tuple(
-                host.strip() for host in env.get("AFFINITY_ALLOWED_HOSTS", "").split(",") if host.strip()
-            ),
+            peer_url_template=env.get("AFFINITY_PEER_URL", "").strip() or DEFAULT_PEER_URL_TEMPLATE,
+            peer_urls=tuple(_peer(item) for item in _comma_list(env.get("AFFINITY_PEERS", ""))),
+            allowed_hosts=_comma_list(env.get("AFFINITY_ALLOWED_HOSTS", "")),
         )
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _peer(item: str) -> tuple[str, str]:
+    machine_id, separator, url = item.partition("=")
+    if not separator:
+        raise ValueError(f"AFFINITY_PEERS entry {item!r} is not machine_id=URL")
+    return machine_id.strip(), url.strip()
+
+
+def _is_http_url(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
 
 
 def _seconds(name: str, text: str) -> float:

@@ -60,12 +60,13 @@ def start_machine(
     secret: str = SECRET,
     app_name: str = APP_NAME,
     extra_env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Machine:
     """Start ``app`` under uvicorn on a free loopback port and wait until it answers.
 
     Any HTTP answer counts: uvicorn answers only once the app's lifespan has started.
     """
-    port = free_port()
+    port = port or free_port()
     env = {
         **os.environ,
         "FLY_MACHINE_ID": machine_id,
@@ -100,10 +101,12 @@ def start_machine(
 
 @pytest.fixture(scope="module")
 def two_machines() -> Iterator[tuple[Machine, Machine]]:
-    """Machines A and B of the demo app: one app, one secret, two machine ids."""
-    machine_a = start_machine("aaaaaaaaaaaaaa")
+    """Machines A and B of the demo app: one app, one secret, two machine ids, each other's peers."""
+    port_a, port_b = free_port(), free_port()
+    peers = {"AFFINITY_PEERS": f"aaaaaaaaaaaaaa=http://127.0.0.1:{port_a},bbbbbbbbbbbbbb=http://127.0.0.1:{port_b}"}
+    machine_a = start_machine("aaaaaaaaaaaaaa", port=port_a, extra_env=peers)
     try:
-        machine_b = start_machine("bbbbbbbbbbbbbb")
+        machine_b = start_machine("bbbbbbbbbbbbbb", port=port_b, extra_env=peers)
     except BaseException:
         machine_a.stop()
         raise

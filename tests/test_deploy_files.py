@@ -56,6 +56,13 @@ def test_health_check_path_is_a_route_of_the_app() -> None:
     assert checks[0]["method"] == "GET"
 
 
+def test_metrics_are_scraped_from_a_route_of_the_app_on_its_port() -> None:
+    from app.main import app
+
+    assert FLY["metrics"]["port"] == SERVICE["internal_port"]
+    assert FLY["metrics"]["path"] in {getattr(route, "path", None) for route in app.routes}
+
+
 def test_graceful_stop_fits_inside_flys_kill_timeout() -> None:
     assert docker_instruction("STOPSIGNAL") == FLY["kill_signal"] == "SIGTERM"
     assert int(cmd_option("--timeout-graceful-shutdown")) < FLY["kill_timeout"]

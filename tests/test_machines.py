@@ -7,6 +7,7 @@ proxy would act on.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -16,7 +17,8 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import Machine
+from app.affinity.token import TokenCodec
+from tests.conftest import APP_NAME, SECRET, Machine, free_port, start_machine
 
 pytestmark = pytest.mark.anyio
 
@@ -152,3 +154,134 @@ async def test_health_check_answers_on_every_machine(two_machines: tuple[Machine
         for machine in two_machines:
             response = await raw.get(f"{machine.url}/healthz")
             assert (response.status_code, response.text) == (200, "ok")
+
+
+def read_rpc_result(response: httpx.Response) -> Any:
+    """The JSON-RPC result of a Streamable HTTP answer, whether JSON or a one-event SSE stream."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+        return json.loads(data[-1])["result"]
+    return response.json()["result"]
+
+
+async def open_session(raw: httpx.AsyncClient, url: str) -> str:
+    """Initialize a handshake-era session with raw HTTP; return its token."""
+    initialize = await raw.post(
+        url,
+        headers=JSON_AND_SSE,
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+        },
+    )
+    token = initialize.headers["mcp-session-id"]
+    initialized = await raw.post(
+        url,
+        headers={**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE},
+        json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+    )
+    assert initialized.status_code == 202
+    return token
+
+
+def measure_body(size: int) -> bytes:
+    message = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "measure", "arguments": {"data": "x" * size}},
+    }
+    return json.dumps(message).encode()
+
+
+async def test_a_body_fly_cannot_replay_is_forwarded_to_the_owner_and_answered(
+    two_machines: tuple[Machine, Machine],
+) -> None:
+    machine_a, machine_b = two_machines
+    three_mib = 3 * 1024 * 1024
+    async with httpx.AsyncClient(timeout=30) as raw:
+        token = await open_session(raw, f"{machine_a.url}/mcp")
+        headers = {**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE}
+        with_length = await raw.post(f"{machine_b.url}/mcp", headers=headers, content=measure_body(three_mib))
+        assert with_length.status_code == 200
+        assert read_rpc_result(with_length)["content"][0]["text"] == str(three_mib)
+
+        async def chunked() -> Any:
+            body = measure_body(three_mib)
+            for start in range(0, len(body), 256 * 1024):
+                yield body[start : start + 256 * 1024]
+
+        without_length = await raw.post(f"{machine_b.url}/mcp", headers=headers, content=chunked())
+        assert without_length.status_code == 200
+        assert read_rpc_result(without_length)["content"][0]["text"] == str(three_mib)
+
+        # At most 1 MiB with a known length: Fly can replay it, so B replays.
+        small = await raw.post(f"{machine_b.url}/mcp", headers=headers, content=measure_body(1000))
+        assert small.status_code == 307
+    assert "outcome=forwarded" in machine_b.log()
+
+
+async def test_a_forwarded_request_is_never_forwarded_again(two_machines: tuple[Machine, Machine]) -> None:
+    machine_a, machine_b = two_machines
+    async with httpx.AsyncClient(timeout=30) as raw:
+        token = await open_session(raw, f"{machine_a.url}/mcp")
+        looped = await raw.post(
+            f"{machine_b.url}/mcp",
+            headers={
+                **JSON_AND_SSE,
+                "mcp-session-id": token,
+                "mcp-protocol-version": HANDSHAKE,
+                "affinity-forwarded-from": "cccccccccccccc",
+            },
+            content=measure_body(2 * 1024 * 1024),
+        )
+    assert looped.status_code == 404
+
+
+async def test_an_owner_that_cannot_be_reached_for_a_forward_gives_404(tmp_path: Any) -> None:
+    closed_port = free_port()
+    peers = f"bbbbbbbbbbbbbb=http://127.0.0.1:1,dddddddddddddd=http://127.0.0.1:{closed_port}"
+    machine = start_machine("eeeeeeeeeeeeee", extra_env={"AFFINITY_PEERS": peers})
+    try:
+        token = TokenCodec((SECRET,), app_name=APP_NAME).issue("dddddddddddddd", "0" * 32, now=time.time())
+        async with httpx.AsyncClient(timeout=30) as raw:
+            response = await raw.post(
+                f"{machine.url}/mcp",
+                headers={**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE},
+                content=measure_body(2 * 1024 * 1024),
+            )
+        assert response.status_code == 404
+        assert response.json()["error"]["message"] == "Session not found"
+        assert "reason=owner_unreachable" in machine.log()
+    finally:
+        machine.stop()
+
+
+async def test_metrics_count_decisions_by_outcome(two_machines: tuple[Machine, Machine]) -> None:
+    machine_a, machine_b = two_machines
+    async with httpx.AsyncClient(timeout=10) as raw:
+        token = await open_session(raw, f"{machine_a.url}/mcp")
+        headers = {**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE}
+        for _ in range(3):
+            assert (
+                await raw.post(f"{machine_b.url}/mcp", headers=headers, json=call_count_message(3))
+            ).status_code == 307
+        metrics = (await raw.get(f"{machine_b.url}/metrics")).text
+    replayed = [
+        line for line in metrics.splitlines()
+        if line.startswith('affinity_decisions_total{machine="bbbbbbbbbbbbbb",outcome="replayed"')
+    ]  # fmt: skip
+    assert len(replayed) == 1
+    assert float(replayed[0].rsplit(" ", 1)[1]) >= 3
+
+
+async def test_event_streams_are_marked_uncompressed_for_flys_proxy(two_machines: tuple[Machine, Machine]) -> None:
+    machine_a, _ = two_machines
+    async with httpx.AsyncClient(timeout=10) as raw, raw.stream("GET", f"{machine_a.url}/sse") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers["content-encoding"] == "none"
+    async with httpx.AsyncClient(timeout=10) as raw:
+        health = await raw.get(f"{machine_a.url}/healthz")
+    assert "content-encoding" not in health.headers

@@ -6,9 +6,15 @@ The rules (``README.md`` "Routing rules" explains them to users):
    is rejected: the request gets 404, the MCP signal to start a new session.
 2. The owner is this machine: serve the request here, with the inner session id restored.
 3. The owner is another machine, but Fly already tried to reach it (``fly-replay-failed``,
-   ``fly-preferred-instance-unavailable``) or already replayed the request once
-   (``fly-replay-src``): reject. A second replay could loop; the owner is gone or unreachable.
-4. Otherwise replay to the owner. Only a verified token can name a replay target.
+   ``fly-preferred-instance-unavailable``), or the request was already replayed once
+   (``fly-replay-src``) or forwarded once by a peer: reject. A second hop could loop; the owner is
+   gone or unreachable.
+4. The owner is another machine and Fly cannot replay the body (over 1 MiB, or of unknown length):
+   forward it to the owner over the private network.
+5. Otherwise replay to the owner. Only a verified token can name a replay or forward target.
+
+Reject reasons are stable codes (logs, metrics): the token's own (see ``InvalidToken``), then
+``owner_unreachable``, ``owner_unavailable``, ``already_replayed``, ``already_forwarded``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from app.affinity.token import InvalidToken, TokenCodec
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """How the request reached this machine, as Fly's proxy reports it in request headers."""
+    """How the request reached this machine, as Fly's proxy (or a peer) reports it in headers."""
 
     replayed_from: str | None = None
     """``fly-replay-src`` was present: the machine that replayed it ("" if the header names none)."""
@@ -28,6 +34,10 @@ class Arrival:
     """``fly-replay-failed`` was present: a replay's target could not be reached (fallback)."""
     preferred_unavailable: bool = False
     """``fly-preferred-instance-unavailable`` was present: a preferred machine could not take it."""
+    forwarded_from: str | None = None
+    """A peer's affinity layer forwarded it here (its machine id)."""
+    body_replayable: bool = True
+    """Fly can replay the body: a known length of at most 1 MiB."""
 
 
 DIRECT = Arrival()
@@ -48,14 +58,21 @@ class Replay:
 
 
 @dataclass(frozen=True, slots=True)
+class Forward:
+    """Another machine owns the session and Fly cannot replay the body: send it there ourselves."""
+
+    owner_machine_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reject:
-    """The session cannot be served: answer 404."""
+    """The session cannot be served: answer 404. ``reason`` is a stable code."""
 
     reason: str
     owner_machine_id: str | None = None
 
 
-Decision = Serve | Replay | Reject
+Decision = Serve | Replay | Forward | Reject
 
 
 def decide(
@@ -76,9 +93,13 @@ def decide(
     if owner == machine_id:
         return Serve(session.inner_session_id)
     if arrival.replay_failed:
-        return Reject("owner unreachable: fly-replay-failed", owner)
+        return Reject("owner_unreachable", owner)
     if arrival.preferred_unavailable:
-        return Reject("owner unavailable: fly-preferred-instance-unavailable", owner)
+        return Reject("owner_unavailable", owner)
     if arrival.replayed_from is not None:
-        return Reject("already replayed once, and not to the owner", owner)
+        return Reject("already_replayed", owner)
+    if arrival.forwarded_from is not None:
+        return Reject("already_forwarded", owner)
+    if not arrival.body_replayable:
+        return Forward(owner)
     return Replay(owner)

@@ -1,8 +1,9 @@
 """AffinityMiddleware: pure ASGI, in front of an unmodified MCP server, on every machine.
 
 What it trusts: the ``fly-replay-src``, ``fly-replay-failed`` and ``fly-preferred-instance-unavailable``
-request headers, which Fly's proxy sets and strips from client requests. A client that forges them
-can only turn its own request into a 404: a replay target always comes from a verified token.
+request headers, which Fly's proxy sets and strips from client requests, and ``affinity-forwarded-from``
+from peers. A client that forges any of them can only turn its own request into a 404: a replay or
+forward target always comes from a verified token.
 
 Carriers of a session id, in the order they are looked for:
 
@@ -19,14 +20,15 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
 from urllib.parse import unquote
 
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.affinity.decision import Arrival, Reject, Replay, decide
-from app.affinity.sse import EndpointEventRewriter
+from app.affinity.decision import Arrival, Forward, Reject, Replay, decide
+from app.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_is_replayable
+from app.affinity.metrics import DECISIONS
+from app.affinity.sse import EndpointEventRewriter, is_event_stream
 from app.affinity.token import TokenCodec
 from app.fly import (
     FLY_PREFERRED_INSTANCE_UNAVAILABLE,
@@ -47,6 +49,7 @@ _FLY_REPLAY_SRC = FLY_REPLAY_SRC.encode("ascii")
 _FLY_REPLAY_FAILED = FLY_REPLAY_FAILED.encode("ascii")
 _FLY_PREFERRED_UNAVAILABLE = FLY_PREFERRED_INSTANCE_UNAVAILABLE.encode("ascii")
 _FLY_REQUEST_ID = FLY_REQUEST_ID.encode("ascii")
+_ROUTING_HEADERS = frozenset({_FLY_REPLAY_SRC, _FLY_REPLAY_FAILED, _FLY_PREFERRED_UNAVAILABLE, FORWARDED_FROM})
 _LEGACY_SESSION_PARAM = re.compile(rb"(?:^|&)session_id=([^&]*)")
 
 # The same body the SDK sends for an unknown session (JSON-RPC "Invalid Request", no id).
@@ -64,15 +67,19 @@ class AffinityMiddleware:
     """Keeps every request of an MCP session on the machine that holds the session in memory.
 
     Wraps the inner server's session ids in signed tokens naming this machine, and routes each
-    request that carries a token: served here, replayed to its owner with ``fly-replay``, or
-    answered 404. Other traffic (no session, 2026-07-28 requests, lifespan, websockets) passes
-    through untouched.
+    request that carries a token: served here, replayed to its owner with ``fly-replay``, forwarded
+    to the owner when Fly cannot replay its body, or answered 404. Other traffic (no session,
+    2026-07-28 requests, lifespan, websockets) passes through untouched.
     """
 
     def __init__(self, app: ASGIApp, *, settings: AffinitySettings) -> None:
         self.app = app
         self.settings = settings
         self._codec = TokenCodec(settings.secret_keys, app_name=settings.app_name)
+        self._forwarder = OwnerForwarder()
+        machine = settings.machine_id
+        self._served = DECISIONS.labels(machine, "served", "")
+        self._passed = DECISIONS.labels(machine, "passed", "")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,21 +87,17 @@ class AffinityMiddleware:
             return
         token: bytes | None = None
         version: bytes | None = None
-        replayed_from: bytes | None = None
-        replay_failed = preferred_unavailable = False
+        routing_headers = False
         for name, value in scope["headers"]:
             if name == MCP_SESSION_ID:
                 token = value
             elif name == MCP_PROTOCOL_VERSION:
                 version = value
-            elif name == _FLY_REPLAY_SRC:
-                replayed_from = value
-            elif name == _FLY_REPLAY_FAILED:
-                replay_failed = True
-            elif name == _FLY_PREFERRED_UNAVAILABLE:
-                preferred_unavailable = True
+            elif name in _ROUTING_HEADERS:
+                routing_headers = True
         if version is not None and version not in _HANDSHAKE_VERSIONS:
             # 2026-07-28 and later: sessionless, any machine serves it.
+            self._passed.inc()
             await self.app(scope, receive, send)
             return
 
@@ -102,37 +105,32 @@ class AffinityMiddleware:
         if token is None:
             legacy_match = _LEGACY_SESSION_PARAM.search(scope["query_string"])
             if legacy_match is None:
+                self._passed.inc()
                 await self.app(scope, receive, self._wrapping_send(scope, send, incoming=None))
                 return
             token = unquote(legacy_match.group(1).decode("latin-1")).encode("latin-1")
 
-        token_text = token.decode("latin-1")
-        arrival = (
-            Arrival(
-                replayed_from=_replay_source_instance(replayed_from),
-                replay_failed=replay_failed,
-                preferred_unavailable=preferred_unavailable,
-            )
-            if replayed_from is not None or replay_failed or preferred_unavailable
-            else Arrival()
-        )
         decision = decide(
-            token_text,
+            token.decode("latin-1"),
             machine_id=self.settings.machine_id,
             codec=self._codec,
             now=time.time(),
             max_age=self.settings.max_token_age,
-            arrival=arrival,
+            arrival=_arrival(scope["headers"]) if routing_headers else _plain_arrival(scope["headers"]),
         )
-        if isinstance(decision, Replay):
-            await self._send_replay(scope, send, decision)
-            return
         if isinstance(decision, Reject):
-            self._log(scope, decision.reason, decision.owner_machine_id)
-            await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
-            await send({"type": "http.response.body", "body": SESSION_NOT_FOUND_BODY})
+            self._record(scope, "rejected", decision.reason, decision.owner_machine_id)
+            await _send_not_found(send)
+            return
+        if isinstance(decision, Replay):
+            self._record(scope, "replayed", "", decision.owner_machine_id)
+            await self._send_replay(send, decision.owner_machine_id)
+            return
+        if isinstance(decision, Forward):
+            await self._forward(scope, receive, send, decision.owner_machine_id)
             return
 
+        self._served.inc()
         inner = decision.inner_session_id.encode("ascii")
         scope = dict(scope)
         if legacy_match is None:
@@ -163,7 +161,7 @@ class AffinityMiddleware:
                 headers = message.get("headers", ())
                 if any(name == MCP_SESSION_ID for name, _ in headers):
                     message = {**message, "headers": [self._outgoing(header, incoming) for header in headers]}
-                if scan_for_endpoint and _is_event_stream(headers):
+                if scan_for_endpoint and is_event_stream(headers):
                     rewriter = EndpointEventRewriter(self.issue_token)
             elif message["type"] == "http.response.body" and rewriter is not None and not rewriter.done:
                 body = rewriter.feed(message.get("body", b""))
@@ -182,10 +180,8 @@ class AffinityMiddleware:
             return (name, incoming[1])
         return (name, self.issue_token(value.decode("latin-1")).encode("ascii"))
 
-    async def _send_replay(self, scope: Scope, send: Send, decision: Replay) -> None:
-        owner = decision.owner_machine_id
+    async def _send_replay(self, send: Send, owner: str) -> None:
         instruction = self.settings.replay_instruction(owner).to_header().encode("ascii")
-        self._log(scope, "session owned by another machine: fly-replay", owner)
         body = f"Session owned by machine {owner}: Fly's proxy replays this request there.\n".encode("ascii")
         headers = [
             (FLY_REPLAY.encode("ascii"), instruction),
@@ -196,27 +192,63 @@ class AffinityMiddleware:
         await send({"type": "http.response.start", "status": 307, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _log(self, scope: Scope, reason: str, owner: str | None) -> None:
-        request_id = next((value for name, value in scope["headers"] if name == _FLY_REQUEST_ID), b"-")
-        logger.info(
-            "affinity: %s (owner=%s machine=%s request=%s %s %s)",
-            reason,
-            owner or "-",
-            self.settings.machine_id,
-            request_id.decode("latin-1"),
-            scope["method"],
-            scope["path"],
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: str) -> None:
+        owner_url = self.settings.peer_url(owner)
+        reached = await self._forwarder.forward(
+            scope, receive, send, owner_url=owner_url, this_machine=self.settings.machine_id
         )
+        if reached:
+            self._record(scope, "forwarded", "", owner)
+        else:
+            self._record(scope, "rejected", "owner_unreachable", owner)
+            await _send_not_found(send)
+
+    def _record(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
+        """Count a decision that is not "served here" and log it as one structured line."""
+        DECISIONS.labels(self.settings.machine_id, outcome, reason).inc()
+        request_id = next((value for name, value in scope["headers"] if name == _FLY_REQUEST_ID), b"-")
+        fields = {
+            "outcome": outcome,
+            "reason": reason or "-",
+            "owner": owner or "-",
+            "machine": self.settings.machine_id,
+            "request_id": request_id.decode("latin-1"),
+            "method": scope["method"],
+            "path": scope["path"],
+        }
+        logger.info("affinity %s", " ".join(f"{key}={value}" for key, value in fields.items()), extra=fields)
 
 
-def _replay_source_instance(value: bytes | None) -> str | None:
-    if value is None:
-        return None
-    return parse_replay_src(value.decode("latin-1")).instance or ""
-
-
-def _is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+def _arrival(headers: list[tuple[bytes, bytes]]) -> Arrival:
+    replayed_from: str | None = None
+    forwarded_from: str | None = None
+    replay_failed = preferred_unavailable = False
     for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
+        if name == _FLY_REPLAY_SRC:
+            replayed_from = parse_replay_src(value.decode("latin-1")).instance or ""
+        elif name == _FLY_REPLAY_FAILED:
+            replay_failed = True
+        elif name == _FLY_PREFERRED_UNAVAILABLE:
+            preferred_unavailable = True
+        elif name == FORWARDED_FROM:
+            forwarded_from = value.decode("latin-1")
+    return Arrival(
+        replayed_from=replayed_from,
+        replay_failed=replay_failed,
+        preferred_unavailable=preferred_unavailable,
+        forwarded_from=forwarded_from,
+        body_replayable=body_is_replayable(headers),
+    )
+
+
+_SMALL_BODY = Arrival()
+_LARGE_BODY = Arrival(body_replayable=False)
+
+
+def _plain_arrival(headers: list[tuple[bytes, bytes]]) -> Arrival:
+    return _SMALL_BODY if body_is_replayable(headers) else _LARGE_BODY
+
+
+async def _send_not_found(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
+    await send({"type": "http.response.body", "body": SESSION_NOT_FOUND_BODY})

@@ -39,7 +39,12 @@ _VISIBLE_ASCII = re.compile(rf"[\x21-\x7e]{{1,{MAX_INNER_SESSION_ID_LENGTH}}}")
 
 
 class InvalidToken(Exception):
-    """A session token that does not prove an owner; ``reason`` says why, for the log line."""
+    """A session token that does not prove an owner.
+
+    ``reason`` is a stable code for logs and metrics: ``token_too_long``, ``malformed_token``,
+    ``bad_signature`` (forged, another app, or a key no longer in the ring), ``token_from_future``
+    or ``token_expired``.
+    """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -82,20 +87,20 @@ class TokenCodec:
     def verify(self, token: str, *, now: float, max_age: float | None = None) -> SessionToken:
         """The owner and inner id a token proves. Raises ``InvalidToken`` for anything else."""
         if len(token) > MAX_TOKEN_LENGTH:
-            raise InvalidToken("token too long")
+            raise InvalidToken("token_too_long")
         match = _TOKEN.fullmatch(token)
         if match is None:
-            raise InvalidToken("malformed token")
+            raise InvalidToken("malformed_token")
         try:
             self._signer.unsign(token)
         except BadSignature:
-            raise InvalidToken("bad signature (forged, another app, or a retired key)") from None
+            raise InvalidToken("bad_signature") from None
         issued_at = bytes_to_int(base64_decode(match["issued"]))
         age = now - issued_at
         if age < -CLOCK_SKEW_SECONDS:
-            raise InvalidToken("token issued in the future")
+            raise InvalidToken("token_from_future")
         if max_age is not None and age > max_age:
-            raise InvalidToken("token expired")
+            raise InvalidToken("token_expired")
         return SessionToken(
             owner_machine_id=match["owner"],
             inner_session_id=base64_decode(match["inner"]).decode("ascii"),

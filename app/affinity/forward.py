@@ -1,0 +1,98 @@
+"""Forwarding a request Fly cannot replay (body over 1 MiB, or of unknown length) to its owner.
+
+Fly's proxy buffers at most 1 MiB of a request body for a replay; a larger body would fail with
+error PA01. The layer instead streams such a request itself to the owner over the private network
+(``http://<owner>.vm.<app>.internal:<port>`` on Fly), and streams the answer back. The forwarded
+request keeps the client's token, so the owner verifies it like any other; it carries
+``affinity-forwarded-from`` so that a machine that is not the owner refuses it instead of
+forwarding again.
+
+Reference: ``shared/reference/fly-proxy.md`` (limits, private network); httpx streaming
+(``client.send(request, stream=True)``, ``aiter_raw()``, ``aclose()``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+logger = logging.getLogger("app.affinity")
+
+FORWARDED_FROM = b"affinity-forwarded-from"
+# Fly's replay buffer: a body larger than this, or of unknown length, cannot be replayed.
+REPLAY_BODY_LIMIT = 1024 * 1024
+# RFC 9110 section 7.6.1: meaningful for one connection only, never passed on.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+     b"transfer-encoding", b"upgrade", b"proxy-connection"}
+)  # fmt: skip
+
+
+def body_is_replayable(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Fly can replay this request's body: no body, or a declared length within its buffer."""
+    length: bytes | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            length = value
+        elif name == b"transfer-encoding":
+            return False
+    if length is None:
+        return True
+    return length.isdigit() and int(length) <= REPLAY_BODY_LIMIT
+
+
+class OwnerForwarder:
+    """Streams requests to other machines of the app and their answers back (one httpx client)."""
+
+    def __init__(self, *, connect_timeout: float = 5.0) -> None:
+        self._timeout = httpx.Timeout(connect=connect_timeout, read=None, write=None, pool=connect_timeout)
+        self._client: httpx.AsyncClient | None = None
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send, *, owner_url: str, this_machine: str) -> bool:
+        """Send the request to ``owner_url``; False if the owner could not be reached (nothing sent)."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+        target = owner_url + (scope.get("raw_path") or (scope["root_path"] + scope["path"]).encode()).decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        headers = [(name, value) for name, value in scope["headers"] if name not in HOP_BY_HOP]
+        headers.append((FORWARDED_FROM, this_machine.encode("ascii")))
+        request = self._client.build_request(scope["method"], target, headers=headers, content=_body(receive))
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            logger.info("affinity: forward to %s failed: %r", owner_url, exc)
+            return False
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [
+                        (name, value) for name, value in response.headers.raw if name.lower() not in HOP_BY_HOP
+                    ],
+                }
+            )
+            try:
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.TransportError as exc:
+                # The answer has started: all that is left is to end it.
+                logger.info("affinity: forwarded answer from %s cut short: %r", owner_url, exc)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+        return True
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
