@@ -40,6 +40,9 @@ Fallback = Literal["force_self", "prefer_self"]
 FailureReason = Literal["timeout", "retries_exhausted", "no_candidate"]
 
 MACHINE_ID_PATTERN = re.compile(r"[0-9a-z]{1,32}")
+# Values the header grammar can carry unchanged: no separators, quotes or spaces.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_STATE = re.compile(r"[\x21\x23-\x3a\x3c-\x7e]{1,512}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # A header value longer than this is not a replay instruction anyone meant to send.
@@ -146,10 +149,14 @@ class ReplayInstruction:
                 raise InvalidReplay(f"{name}={machine_id!r} is not a machine id")
         if self.instance is not None and self.prefer_instance is not None:
             raise InvalidReplay("instance and prefer_instance exclude each other")
-        if self.timeout is not None and not self.timeout > 0:
-            raise InvalidReplay("timeout must be positive")
-        if self.state is not None and (";" in self.state or '"' in self.state):
-            raise InvalidReplay("state may not contain ';' or '\"'")
+        if self.timeout is not None and not self.timeout >= 0.001:
+            raise InvalidReplay("timeout must be positive, at least 1ms")
+        if self.state is not None and not _STATE.fullmatch(self.state):
+            raise InvalidReplay("state must be visible ASCII without ';' or '\"'")
+        if any(not _NAME.fullmatch(region) for region in self.regions):
+            raise InvalidReplay("a region must be letters, digits, '-' or '_'")
+        if self.app is not None and not _NAME.fullmatch(self.app):
+            raise InvalidReplay("app must be letters, digits, '-' or '_'")
 
     def to_header(self) -> str:
         """The header form, e.g. ``instance=148e272a6d4689;timeout=5s;fallback=force_self``."""
@@ -234,7 +241,8 @@ def _instruction_from_fields(
     regions = tuple(region.strip() for region in fields["region"].split(",")) if "region" in fields else ()
     if any(not region for region in regions):
         raise InvalidReplay("region list has an empty entry")
-    timeout = parse_duration(fields["timeout"]) if "timeout" in fields else None
+    # Fly's durations count whole milliseconds: keep what the header form can say again.
+    timeout = round(parse_duration(fields["timeout"]) * 1000) / 1000 if "timeout" in fields else None
     instruction = ReplayInstruction(
         instance=fields.get("instance"),
         prefer_instance=fields.get("prefer_instance"),

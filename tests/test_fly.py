@@ -71,6 +71,9 @@ def test_header_form_round_trips(instruction: ReplayInstruction) -> None:
         (f"instance={MACHINE};colour=blue", "unknown field"),
         ('region="ams,,any"', "empty entry"),
         ("instance=" + "a" * 5000, "too long"),
+        ('region="Q,ZMvg"q"', "region"),
+        ("app=a b", "app"),
+        (f"instance={MACHINE};timeout=0.1ms", "at least 1ms"),
     ],
 )
 def test_invalid_header_names_the_rule(header: str, rule: str) -> None:
@@ -132,6 +135,12 @@ def test_replay_failed_round_trips_and_tolerates_garbage() -> None:
     )
     assert parse_replay_failed(failure.to_header()) == failure
     assert parse_replay_failed("elapsed_ms=-1;reason=") == ReplayFailure()
+
+
+def test_timeouts_are_whole_milliseconds_so_the_header_form_round_trips() -> None:
+    instruction = parse_replay_json(b'{"instance": "148e272a6d4689", "timeout": 1.23456}')
+    assert instruction.timeout == 1.235
+    assert parse_replay_header(instruction.to_header()) == instruction
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("800ms", 0.8), ("10s", 10.0), ("1.5m", 90.0), ("2h", 7200.0)])

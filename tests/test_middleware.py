@@ -240,6 +240,14 @@ async def test_legacy_message_for_another_machine_is_replayed_and_bad_ones_get_4
     assert inner.scopes == []
 
 
+async def test_a_percent_encoded_session_id_of_any_characters_gets_404() -> None:
+    inner = InnerApp()
+    query = b"session_id=%D9%A3%F0%9F%98%80%00%0A" + token_for(OTHER)
+    sent, _ = await call(AffinityMiddleware(inner, settings=SETTINGS), http_scope(path="/messages/", query=query))
+    assert sent[0]["status"] == 404
+    assert inner.scopes == []
+
+
 async def test_legacy_endpoint_event_is_rewritten_and_later_chunks_stream_unchanged() -> None:
     endpoint = b"event: endpoint\r\ndata: /messages/?session_id=" + INNER.encode() + b"\r\n\r\n"
     later = [b": ping\r\n\r\n", b'event: message\r\ndata: {"id": 1}\r\n\r\n']

@@ -102,16 +102,18 @@ class AffinityMiddleware:
             return
 
         legacy_match = None
-        if token is None:
+        if token is not None:
+            token_text = token.decode("latin-1")
+        else:
             legacy_match = _LEGACY_SESSION_PARAM.search(scope["query_string"])
             if legacy_match is None:
                 self._passed.inc()
                 await self.app(scope, receive, self._wrapping_send(scope, send, incoming=None))
                 return
-            token = unquote(legacy_match.group(1).decode("latin-1")).encode("latin-1")
+            token_text = unquote(legacy_match.group(1).decode("latin-1"))
 
         decision = decide(
-            token.decode("latin-1"),
+            token_text,
             machine_id=self.settings.machine_id,
             codec=self._codec,
             now=time.time(),
@@ -139,7 +141,9 @@ class AffinityMiddleware:
             query: bytes = scope["query_string"]
             start, end = legacy_match.span(1)
             scope["query_string"] = query[:start] + inner + query[end:]
-        await self.app(scope, receive, self._wrapping_send(scope, send, incoming=(inner, token)))
+        # A token that verified is ASCII, whichever carrier it came in.
+        incoming = (inner, token_text.encode("ascii"))
+        await self.app(scope, receive, self._wrapping_send(scope, send, incoming=incoming))
 
     def issue_token(self, inner_session_id: str) -> str:
         """A token for a session id the inner app minted on this machine."""
