@@ -1,0 +1,137 @@
+"""Replay caches: session rules from fly.toml, path rules from responses, invalidation, TTL."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from app.edge.cache import ReplayCache
+from app.edge.config import SessionCacheRule
+
+SESSION_RULE = SessionCacheRule(path_prefix="/", ttl_seconds=300, type="header", name="Mcp-Session-Id")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_session_entry_expires_after_its_ttl() -> None:
+    clock = Clock()
+    cache = ReplayCache((SESSION_RULE,), clock=clock)
+    lookup = cache.lookup("/mcp", {"mcp-session-id": "abc"})
+    assert lookup.session_key is not None
+    assert lookup.target is None
+    cache.remember_session(lookup.session_key, "148e272a6d4689")
+    assert cache.lookup("/mcp", {"mcp-session-id": "abc"}).target == "148e272a6d4689"
+    assert cache.lookup("/mcp", {"mcp-session-id": "other"}).target is None
+    clock.now += 301
+    assert cache.lookup("/mcp", {"mcp-session-id": "abc"}).target is None
+
+
+def test_longest_prefix_rule_wins_and_cookies_are_keys() -> None:
+    rules = (
+        SESSION_RULE,
+        SessionCacheRule(path_prefix="/app/", ttl_seconds=60, type="cookie", name="sid", allow_bypass=True),
+    )
+    cache = ReplayCache(rules, clock=Clock())
+    # Under /app/ the cookie rule applies, so the header alone does not make a key.
+    assert cache.lookup("/app/x", {"mcp-session-id": "abc"}).session_key is None
+    lookup = cache.lookup("/app/x", {"cookie": "a=1; sid=s-42"})
+    assert lookup.session_key is not None
+    assert lookup.session_key.value == "s-42"
+    cache.remember_session(lookup.session_key, "148e272a6d4689")
+    assert cache.lookup("/app/y", {"cookie": "sid=s-42"}).target == "148e272a6d4689"
+    assert cache.lookup("/app/y", {"cookie": "sid=s-42"}, skip_requested=True).bypass
+    # Bypass is honoured only where the rule allows it.
+    cache.remember_session(cache.lookup("/mcp", {"mcp-session-id": "abc"}).session_key, "0badc0ffee0000")  # type: ignore[arg-type]
+    assert cache.lookup("/mcp", {"mcp-session-id": "abc"}, skip_requested=True).target == "0badc0ffee0000"
+
+
+def test_path_rules_and_invalidation() -> None:
+    cache = ReplayCache(clock=Clock())
+    cache.remember_path("/files/*", 60, "148e272a6d4689")
+    cache.remember_path("/files/big/*", 60, "0badc0ffee0000")
+    assert cache.lookup("/files/a", {}).target == "148e272a6d4689"
+    hit = cache.lookup("/files/big/b", {})
+    assert hit.target == "0badc0ffee0000"
+    assert hit.hit is not None
+    cache.invalidate(hit.hit)
+    assert cache.lookup("/files/big/b", {}).target == "148e272a6d4689"
+    assert cache.lookup("/other", {}).target is None
+
+
+@pytest.mark.anyio
+async def test_session_cache_through_the_edge(make_probes, make_edge) -> None:
+    a, b = make_probes(2)
+    edge = make_edge([a, b], replay_cache=(SESSION_RULE,))
+    replay = {f"x-probe-replay-{a.id}": f"instance={b.id}", "mcp-session-id": "s-1"}
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        first = await client.get("/mcp", headers={**replay, "fly-force-instance-id": a.id})
+        assert first.json()["machine"] == b.id
+        assert first.json()["headers"]["fly-replay-cache-status"] == "miss"
+        assert "fly-replay-src" in first.json()["headers"]
+        for _ in range(5):  # wherever the balancer would send it, the cache sends it to b
+            again = await client.get("/mcp", headers=replay)
+            assert again.json()["machine"] == b.id
+            assert again.json()["headers"]["fly-replay-cache-status"] == "hit"
+            assert "fly-replay-src" not in again.json()["headers"]
+        status = (await client.get("/_edge/status")).json()
+    assert status["replay_cache_hits"] == 5
+    assert status["replays"] == 1
+    assert len(a.machine.seen) == 1
+
+
+@pytest.mark.anyio
+async def test_replays_with_fallback_or_timeout_are_not_cached(make_probes, make_edge) -> None:
+    a, b = make_probes(2)
+    edge = make_edge([a, b], replay_cache=(SESSION_RULE,))
+    replay = {f"x-probe-replay-{a.id}": f"instance={b.id};timeout=5s;fallback=force_self", "mcp-session-id": "s-2"}
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        for _ in range(3):
+            response = await client.get("/mcp", headers={**replay, "fly-force-instance-id": a.id})
+            assert response.json()["headers"]["fly-replay-cache-status"] == "miss"
+        assert (await client.get("/_edge/status")).json()["replay_cache_hits"] == 0
+
+
+@pytest.mark.anyio
+async def test_path_cache_and_invalidate_through_the_edge(make_probes, make_edge) -> None:
+    a, b = make_probes(2)
+    edge = make_edge([a, b])
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        headers = {
+            "fly-force-instance-id": a.id,
+            f"x-probe-replay-{a.id}": f"instance={b.id}",
+            f"x-probe-cache-{a.id}": "/docs/*",
+            "x-probe-cache-ttl": "30",
+        }
+        first = await client.get("/docs/one", headers=headers)
+        assert first.json()["machine"] == b.id
+        assert "fly-replay-cache" not in first.headers  # addressed to the proxy, not the client
+        for path in ("/docs/two", "/docs/three"):
+            hit = await client.get(path)
+            assert hit.json()["machine"] == b.id
+            assert hit.json()["headers"]["fly-replay-cache-status"] == "hit"
+        assert (await client.get("/elsewhere", headers={"fly-force-instance-id": a.id})).json()["machine"] == a.id
+        # The target replays back with invalidate: the entry is gone, the request goes where it says.
+        back = {f"x-probe-replay-{b.id}": f"instance={a.id}", f"x-probe-cache-{b.id}": "invalidate"}
+        moved = await client.get("/docs/four", headers=back)
+        assert moved.json()["machine"] == a.id
+        machines = {(await client.get("/docs/five")).json()["machine"] for _ in range(12)}
+        assert machines == {a.id, b.id}  # balanced again
+
+
+@pytest.mark.anyio
+async def test_bypass_only_when_allowed(make_probes, make_edge) -> None:
+    a, b = make_probes(2)
+    rule = SessionCacheRule(path_prefix="/", ttl_seconds=60, type="header", name="x-key", allow_bypass=True)
+    edge = make_edge([a, b], replay_cache=(rule,))
+    replay = {f"x-probe-replay-{a.id}": f"instance={b.id}", "x-key": "k", "fly-force-instance-id": a.id}
+    async with httpx.AsyncClient(base_url=edge.url) as client:
+        await client.get("/x", headers=replay)
+        skipped = await client.get("/x", headers={**replay, "fly-replay-cache-control": "skip"})
+    assert skipped.json()["headers"]["fly-replay-cache-status"] == "bypass"
+    assert len(a.machine.seen) == 2  # the skip went through the app again
