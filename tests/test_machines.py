@@ -19,15 +19,16 @@ from mcp.client.streamable_http import streamable_http_client
 
 from app.affinity.token import TokenCodec
 from tests.conftest import APP_NAME, SECRET, Machine, free_port, start_machine
+from tests.mcp_http import (
+    HANDSHAKE,
+    JSON_AND_SSE,
+    call_count_message,
+    measure_body,
+    open_session,
+    read_rpc_result,
+)
 
 pytestmark = pytest.mark.anyio
-
-HANDSHAKE = "2025-11-25"
-JSON_AND_SSE = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-
-
-def call_count_message(request_id: int) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {"name": "count", "arguments": {}}}
 
 
 def tool_text(result: Any) -> str:
@@ -154,46 +155,6 @@ async def test_health_check_answers_on_every_machine(two_machines: tuple[Machine
         for machine in two_machines:
             response = await raw.get(f"{machine.url}/healthz")
             assert (response.status_code, response.text) == (200, "ok")
-
-
-def read_rpc_result(response: httpx.Response) -> Any:
-    """The JSON-RPC result of a Streamable HTTP answer, whether JSON or a one-event SSE stream."""
-    if response.headers["content-type"].startswith("text/event-stream"):
-        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
-        return json.loads(data[-1])["result"]
-    return response.json()["result"]
-
-
-async def open_session(raw: httpx.AsyncClient, url: str) -> str:
-    """Initialize a handshake-era session with raw HTTP; return its token."""
-    initialize = await raw.post(
-        url,
-        headers=JSON_AND_SSE,
-        json={
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-        },
-    )
-    token = initialize.headers["mcp-session-id"]
-    initialized = await raw.post(
-        url,
-        headers={**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE},
-        json={"jsonrpc": "2.0", "method": "notifications/initialized"},
-    )
-    assert initialized.status_code == 202
-    return token
-
-
-def measure_body(size: int) -> bytes:
-    message = {
-        "jsonrpc": "2.0",
-        "id": 7,
-        "method": "tools/call",
-        "params": {"name": "measure", "arguments": {"data": "x" * size}},
-    }
-    return json.dumps(message).encode()
 
 
 async def test_a_body_fly_cannot_replay_is_forwarded_to_the_owner_and_answered(

@@ -1,0 +1,100 @@
+"""Example client: open MCP sessions against a fleet and show which machine answered each call.
+
+``python -m app.client`` runs against the local fleet (``python -m app.edge``) by default. Each
+session calls ``whoami`` and ``count`` a few times with the official MCP client: with affinity,
+every call of a session is answered by one machine and the count goes 1, 2, 3 without gaps,
+whichever machine the balancer picked first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import httpx
+import httpx2
+from mcp import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+
+
+def _text(result: Any) -> str:
+    return str(result.content[0].text)
+
+
+async def run_session(number: int, url: str, transport: str, calls: int) -> bool:
+    """One session; prints a line per call. True if one machine answered it all, without gaps."""
+    tokens: list[str] = []
+
+    async def record_token(response: httpx2.Response) -> None:
+        if "mcp-session-id" in response.headers and not tokens:
+            tokens.append(response.headers["mcp-session-id"])
+
+    async with httpx2.AsyncClient(event_hooks={"response": [record_token]}, timeout=60) as http:
+        if transport == "sse":
+            connection: Any = sse_client(f"{url}/sse", on_session_created=tokens.append)
+        else:
+            connection = streamable_http_client(f"{url}/mcp", http_client=http)
+        async with Client(connection, mode="legacy") as client:
+            token = tokens[0] if tokens else "?"
+            print(f"session {number}: token {token[:28]}...  (owner {token.split('.', 1)[0]})")
+            machines, counts = set(), []
+            for call in range(1, calls + 1):
+                machine = _text(await client.call_tool("whoami", {}))
+                count = int(_text(await client.call_tool("count", {})))
+                machines.add(machine)
+                counts.append(count)
+                print(f"  call {call}: whoami={machine} count={count}")
+    return len(machines) == 1 and counts == list(range(1, calls + 1))
+
+
+async def main_async(url: str, sessions: int, calls: int, transport: str) -> int:
+    failures = 0
+    for number in range(1, sessions + 1):
+        if not await run_session(number, url, transport, calls):
+            failures += 1
+            print(f"  session {number} did NOT stick to one machine")
+    try:
+        async with httpx.AsyncClient(timeout=5) as raw:
+            status = (await raw.get(f"{url}/_edge/status")).json()
+        print(f"edge: {status['replays']} replays so far, {status['replay_cache_hits']} replay-cache hits")
+    except (httpx.HTTPError, ValueError, KeyError, json.JSONDecodeError):
+        pass  # not behind the local edge: nothing more to show
+    print("every session stuck to its machine" if not failures else f"{failures} session(s) did not stick")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run the sessions; exit status 1 if any session did not stick."""
+    parser = argparse.ArgumentParser(prog="python -m app.client", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the fleet's base URL (default: %(default)s)")
+    parser.add_argument("--sessions", type=int, default=3, help="sessions to open, one after another (default: 3)")
+    parser.add_argument("--calls", type=int, default=3, help="whoami + count calls per session (default: 3)")
+    parser.add_argument(
+        "--transport",
+        choices=("streamable", "sse"),
+        default="streamable",
+        help="streamable HTTP at /mcp, or legacy HTTP+SSE at /sse (default: streamable)",
+    )
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.calls < 1:
+        parser.error("--sessions and --calls must be at least 1")
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        parser.error(f"--url {args.url!r} is not an http(s) URL such as http://127.0.0.1:8080")
+    base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+    unreachable: list[BaseException] = []
+    try:
+        return anyio.run(main_async, base, args.sessions, args.calls, args.transport)
+    except* (httpx2.HTTPError, OSError) as group:  # the SDK raises from inside task groups
+        unreachable.extend(group.exceptions)
+    print(f"cannot reach {base}: {unreachable[0]} (is the fleet running? python -m app.edge)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Handshake-era MCP spoken in raw HTTP, for tests that must see every status code and header.
+
+The official client hides status codes (and never re-initializes after a 404); these helpers send
+the same JSON-RPC messages and hand back the ``httpx.Response``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+HANDSHAKE = "2025-11-25"
+JSON_AND_SSE = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "tests", "version": "1"}},
+}
+
+
+def tool_call(name: str, arguments: dict[str, Any] | None = None, request_id: int = 2) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments or {}},
+    }
+
+
+def call_count_message(request_id: int) -> dict[str, Any]:
+    return tool_call("count", request_id=request_id)
+
+
+def measure_body(size: int) -> bytes:
+    return json.dumps(tool_call("measure", {"data": "x" * size}, request_id=7)).encode()
+
+
+def read_rpc_result(response: httpx.Response) -> Any:
+    """The JSON-RPC result of a Streamable HTTP answer, whether JSON or a one-event SSE stream."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+        return json.loads(data[-1])["result"]
+    return response.json()["result"]
+
+
+def tool_text(response: httpx.Response) -> str:
+    return str(read_rpc_result(response)["content"][0]["text"])
+
+
+async def open_session(raw: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None) -> str:
+    """Initialize a handshake-era session with raw HTTP; return its token. ``headers`` go on both requests."""
+    extra = headers or {}
+    initialize = await raw.post(url, headers={**JSON_AND_SSE, **extra}, json=INITIALIZE)
+    assert initialize.status_code == 200, initialize.text
+    token = initialize.headers["mcp-session-id"]
+    initialized = await raw.post(
+        url, headers=session_headers(token, **extra), json={"jsonrpc": "2.0", "method": "notifications/initialized"}
+    )
+    assert initialized.status_code == 202, initialized.text
+    return token
+
+
+def session_headers(token: str, **extra: str) -> dict[str, str]:
+    return {**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE, **extra}
