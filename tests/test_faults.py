@@ -248,3 +248,39 @@ async def test_load_200_sessions_for_30_seconds_without_a_misrouted_call(fleet: 
     assert not problems, problems[:5]
     assert not status["errors"]  # the edge answered no 5xx
     assert calls >= LOAD_SESSIONS * 2
+
+
+@pytest.mark.parametrize(
+    ("failover", "fleet_args", "stopped_owner", "destroyed_owner"),
+    [
+        # cached: Fly sends the session straight to its owner; no fallback when the owner is gone.
+        ("cached", ["--fly-toml", "tests/edge/fly.cached.toml"], 404, 502),
+        # prefer: another machine takes the request and answers 404.
+        ("prefer", [], 404, 404),
+    ],
+)
+async def test_failover_modes_answer_as_the_readme_table_says(
+    tmp_path: Path, failover: str, fleet_args: list[str], stopped_owner: int, destroyed_owner: int
+) -> None:
+    env = {"AFFINITY_SECRET": FLEET_SECRET, "AFFINITY_FAILOVER": failover}
+    fleet = FleetProcess(["--machines", "3", *fleet_args], tmp_path / "edge.log", env=env)
+    try:
+        fleet.wait_ready()
+        async with httpx.AsyncClient(base_url=fleet.url, timeout=30) as raw:
+            sessions = Sessions(raw)
+            await sessions.open(9)
+            victim = sessions.busiest_owner()
+            await machine_action(raw, victim, "stop")
+            answers = await sessions.next_counts()
+            assert {answers[token][0] for token in sessions.owned_by(victim)} == {stopped_owner}
+            assert all(status == 200 for token, (status, _, _) in answers.items() if not token.startswith(victim))
+
+            gone = TokenCodec((FLEET_SECRET,), app_name=fleet.status()["app"]).issue(
+                "0d0d0d0d0d0d0d", "f" * 32, now=time.time()
+            )
+            response = await raw.post("/mcp", headers=session_headers(gone), json=call_count_message(2))
+            assert response.status_code == destroyed_owner
+    finally:
+        pids = list(fleet.machine_pids)
+        assert fleet.stop() == 0
+        assert not wait_gone(pids)
