@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,19 +100,26 @@ def start_machine(
     raise RuntimeError(f"machine {machine_id} did not answer HTTP in 20 s:\n{machine.log()}")
 
 
+@contextmanager
+def running_pair(
+    ids: tuple[str, str], *, app: str = "app.main:app", extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[Machine, Machine]]:
+    """Two machines of one app that know each other as peers (``AFFINITY_PEERS``); stopped on exit."""
+    ports = (free_port(), free_port())
+    peers = ",".join(f"{machine_id}=http://127.0.0.1:{port}" for machine_id, port in zip(ids, ports, strict=True))
+    env = {**(extra_env or {}), "AFFINITY_PEERS": peers}
+    started: list[Machine] = []
+    try:
+        for machine_id, port in zip(ids, ports, strict=True):
+            started.append(start_machine(machine_id, app=app, port=port, extra_env=env))
+        yield started[0], started[1]
+    finally:
+        for machine in started:
+            machine.stop()
+
+
 @pytest.fixture(scope="module")
 def two_machines() -> Iterator[tuple[Machine, Machine]]:
     """Machines A and B of the demo app: one app, one secret, two machine ids, each other's peers."""
-    port_a, port_b = free_port(), free_port()
-    peers = {"AFFINITY_PEERS": f"aaaaaaaaaaaaaa=http://127.0.0.1:{port_a},bbbbbbbbbbbbbb=http://127.0.0.1:{port_b}"}
-    machine_a = start_machine("aaaaaaaaaaaaaa", port=port_a, extra_env=peers)
-    try:
-        machine_b = start_machine("bbbbbbbbbbbbbb", port=port_b, extra_env=peers)
-    except BaseException:
-        machine_a.stop()
-        raise
-    try:
-        yield machine_a, machine_b
-    finally:
-        machine_a.stop()
-        machine_b.stop()
+    with running_pair(("aaaaaaaaaaaaaa", "bbbbbbbbbbbbbb")) as pair:
+        yield pair

@@ -1,15 +1,20 @@
-"""Handshake-era MCP spoken in raw HTTP, for tests that must see every status code and header.
+"""MCP helpers for tests: handshake-era MCP in raw HTTP, and the official client with its tokens.
 
-The official client hides status codes (and never re-initializes after a 404); these helpers send
-the same JSON-RPC messages and hand back the ``httpx.Response``.
+The official client hides status codes (and never re-initializes after a 404); the raw helpers
+send the same JSON-RPC messages and hand back the ``httpx.Response``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 HANDSHAKE = "2025-11-25"
 JSON_AND_SSE = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
@@ -65,3 +70,19 @@ async def open_session(raw: httpx.AsyncClient, url: str, headers: dict[str, str]
 
 def session_headers(token: str, **extra: str) -> dict[str, str]:
     return {**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE, **extra}
+
+
+@asynccontextmanager
+async def client_recording_tokens(url: str) -> AsyncIterator[tuple[Client, list[str]]]:
+    """The official client in legacy mode, and every ``Mcp-Session-Id`` its responses carried."""
+    tokens: list[str] = []
+
+    async def record_token(response: httpx2.Response) -> None:
+        if "mcp-session-id" in response.headers:
+            tokens.append(response.headers["mcp-session-id"])
+
+    async with (
+        httpx2.AsyncClient(event_hooks={"response": [record_token]}, timeout=30) as http,
+        Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
+    ):
+        yield client, tokens

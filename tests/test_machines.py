@@ -11,11 +11,9 @@ import time
 from typing import Any
 
 import httpx
-import httpx2
 import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
 
 from app.affinity.token import TokenCodec
 from tests.conftest import APP_NAME, SECRET, Machine, free_port, start_machine
@@ -23,9 +21,11 @@ from tests.mcp_http import (
     HANDSHAKE,
     JSON_AND_SSE,
     call_count_message,
+    client_recording_tokens,
     measure_body,
     open_session,
     read_rpc_result,
+    session_headers,
 )
 
 pytestmark = pytest.mark.anyio
@@ -39,16 +39,7 @@ async def test_a_session_counts_on_its_machine_and_the_other_machine_replays_it(
     two_machines: tuple[Machine, Machine],
 ) -> None:
     machine_a, machine_b = two_machines
-    tokens: list[str] = []
-
-    async def record_token(response: httpx2.Response) -> None:
-        if "mcp-session-id" in response.headers:
-            tokens.append(response.headers["mcp-session-id"])
-
-    async with (
-        httpx2.AsyncClient(event_hooks={"response": [record_token]}, timeout=30) as http,
-        Client(streamable_http_client(f"{machine_a.url}/mcp", http_client=http), mode="legacy") as client,
-    ):
+    async with client_recording_tokens(f"{machine_a.url}/mcp") as (client, tokens):
         assert tool_text(await client.call_tool("whoami", {})) == machine_a.machine_id
         assert [tool_text(await client.call_tool("count", {})) for _ in range(3)] == ["1", "2", "3"]
         assert tokens
@@ -73,29 +64,11 @@ async def test_a_session_counts_on_its_machine_and_the_other_machine_replays_it(
 async def test_a_replayed_request_that_fly_brought_back_gets_404(two_machines: tuple[Machine, Machine]) -> None:
     machine_a, machine_b = two_machines
     async with httpx.AsyncClient(timeout=10) as raw:
-        initialize = await raw.post(
-            f"{machine_a.url}/mcp",
-            headers=JSON_AND_SSE,
-            json={
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": HANDSHAKE,
-                    "capabilities": {},
-                    "clientInfo": {"name": "t", "version": "1"},
-                },
-            },
-        )
-        token = initialize.headers["mcp-session-id"]
+        token = await open_session(raw, f"{machine_a.url}/mcp")
+        failed = f"instance={machine_a.machine_id};reason=timeout;elapsed_ms=5001"
         fell_back = await raw.post(
             f"{machine_b.url}/mcp",
-            headers={
-                **JSON_AND_SSE,
-                "mcp-session-id": token,
-                "mcp-protocol-version": HANDSHAKE,
-                "fly-replay-failed": f"instance={machine_a.machine_id};reason=timeout;elapsed_ms=5001",
-            },
+            headers=session_headers(token, **{"fly-replay-failed": failed}),
             json=call_count_message(2),
         )
     assert fell_back.status_code == 404

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import ROOT, Machine, start_machine
+from tests.conftest import ROOT, Machine, running_pair
+from tests.mcp_http import client_recording_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -30,18 +28,10 @@ def readme_snippet() -> str:
 def snippet_machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Machine, Machine]]:
     folder: Path = tmp_path_factory.mktemp("user-app")
     (folder / "my_server.py").write_text(readme_snippet())
-    env = {"PYTHONPATH": str(folder)}
-    machine_a = start_machine("a1a1a1a1a1a1a1", app="my_server:api", extra_env=env)
-    try:
-        machine_b = start_machine("b2b2b2b2b2b2b2", app="my_server:api", extra_env=env)
-    except BaseException:
-        machine_a.stop()
-        raise
-    try:
-        yield machine_a, machine_b
-    finally:
-        machine_a.stop()
-        machine_b.stop()
+    with running_pair(
+        ("a1a1a1a1a1a1a1", "b2b2b2b2b2b2b2"), app="my_server:api", extra_env={"PYTHONPATH": str(folder)}
+    ) as pair:
+        yield pair
 
 
 def tool_text(result: Any) -> str:
@@ -50,16 +40,7 @@ def tool_text(result: Any) -> str:
 
 async def test_the_snippet_serves_mcp_at_the_sub_path_with_affinity(snippet_machines: tuple[Machine, Machine]) -> None:
     machine_a, machine_b = snippet_machines
-    tokens: list[str] = []
-
-    async def record_token(response: httpx2.Response) -> None:
-        if "mcp-session-id" in response.headers:
-            tokens.append(response.headers["mcp-session-id"])
-
-    async with (
-        httpx2.AsyncClient(event_hooks={"response": [record_token]}, timeout=30) as http,
-        Client(streamable_http_client(f"{machine_a.url}/notes/mcp", http_client=http), mode="legacy") as client,
-    ):
+    async with client_recording_tokens(f"{machine_a.url}/notes/mcp") as (client, tokens):
         counts = [tool_text(await client.call_tool("add_note", {"text": f"n{i}"})) for i in range(3)]
         assert counts == ["1", "2", "3"]
         assert tokens[0].startswith(machine_a.machine_id + ".")
