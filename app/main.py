@@ -25,7 +25,11 @@ from app.streaming import UncompressedStreamsMiddleware
 
 MAX_COUNTED_SESSIONS = 100_000
 
-settings = AffinitySettings.from_env()
+try:
+    settings = AffinitySettings.from_env()
+except ValueError as exc:
+    # One sentence that says what to fix, rather than a traceback from deep inside the import.
+    raise SystemExit(f"fly-replay-router cannot start: {exc}") from None
 mcp = MCPServer("fly-replay-router-demo")
 _counters: OrderedDict[str, int] = OrderedDict()
 

@@ -19,6 +19,7 @@ from app.affinity.token import TokenCodec
 from tests.conftest import APP_NAME, SECRET, Machine, free_port, start_machine
 from tests.mcp_http import (
     HANDSHAKE,
+    INITIALIZE,
     JSON_AND_SSE,
     call_count_message,
     client_recording_tokens,
@@ -219,3 +220,22 @@ async def test_event_streams_are_marked_uncompressed_for_flys_proxy(two_machines
     async with httpx.AsyncClient(timeout=10) as raw:
         health = await raw.get(f"{machine_a.url}/healthz")
     assert "content-encoding" not in health.headers
+
+
+def test_on_fly_without_a_secret_the_app_refuses_to_start_and_says_why() -> None:
+    with pytest.raises(RuntimeError, match="exited during start") as error:
+        start_machine("abcdefabcdef01", secret="")
+    assert "AFFINITY_SECRET is not set" in str(error.value)
+    assert "fly secrets set AFFINITY_SECRET=" in str(error.value)
+    assert "Traceback" not in str(error.value)
+
+
+async def test_the_public_fly_host_and_allowed_hosts_pass_the_sdks_host_check() -> None:
+    machine = start_machine("abcdefabcdef02", extra_env={"AFFINITY_ALLOWED_HOSTS": "mcp.example.com"})
+    try:
+        async with httpx.AsyncClient(timeout=10) as raw:
+            for host, status in ((f"{APP_NAME}.fly.dev", 200), ("mcp.example.com", 200), ("evil.example", 421)):
+                response = await raw.post(f"{machine.url}/mcp", headers={**JSON_AND_SSE, "host": host}, json=INITIALIZE)
+                assert response.status_code == status, host
+    finally:
+        machine.stop()
