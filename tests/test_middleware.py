@@ -291,3 +291,19 @@ async def test_lifespan_and_websocket_scopes_pass_straight_through() -> None:
         await middleware({"type": scope_type, "headers": [(b"mcp-session-id", b"x")]}, receive, send)
         assert sent == [{"type": f"{message_type}.complete"}]
     assert seen == [("lifespan", "lifespan.startup"), ("websocket", "websocket.connect")]
+
+
+async def test_each_decision_not_served_here_is_one_structured_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    headers = [(b"mcp-session-id", token_for(OTHER)), (b"fly-request-id", b"01JDABCDEF-ams")]
+    with caplog.at_level(logging.INFO, logger="app.affinity"):
+        await call(AffinityMiddleware(InnerApp(), settings=SETTINGS), http_scope(headers=headers))
+        await call(
+            AffinityMiddleware(InnerApp(), settings=SETTINGS),
+            http_scope(headers=[(b"mcp-session-id", token_for(HERE))]),
+        )
+    [record] = [record for record in caplog.records if record.name == "app.affinity"]  # served here: no line
+    assert record.getMessage() == (
+        f"affinity outcome=replayed reason=- owner={OTHER} machine={HERE} "
+        "request_id=01JDABCDEF-ams method=POST path=/mcp"
+    )
+    assert (record.outcome, record.owner, record.request_id) == ("replayed", OTHER, "01JDABCDEF-ams")  # type: ignore[attr-defined]
