@@ -11,6 +11,7 @@ summarised in ``shared/reference/fly-proxy.md``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -45,6 +46,8 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 _STATE = re.compile(r"[\x21\x23-\x3a\x3c-\x7e]{1,512}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Longer than any proxy keeps trying, and short enough to stay an exact float of milliseconds.
+MAX_DURATION_SECONDS = 24 * 3600
 # A header value longer than this is not a replay instruction anyone meant to send.
 MAX_HEADER_VALUE = 4096
 
@@ -98,8 +101,11 @@ def parse_duration(text: str) -> float:
     """``800ms`` / ``10s`` / ``1.5m`` -> seconds. Raises ``InvalidReplay`` on anything else."""
     match = _DURATION.fullmatch(text.strip())
     if match is None:
-        raise InvalidReplay(f"timeout {text!r} is not a duration such as 800ms or 10s")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        raise InvalidReplay(f"timeout {text[:40]!r} is not a duration such as 800ms or 10s")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
+        raise InvalidReplay(f"timeout {text[:40]!r} is longer than {MAX_DURATION_SECONDS // 3600} hours")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

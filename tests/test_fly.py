@@ -74,6 +74,8 @@ def test_header_form_round_trips(instruction: ReplayInstruction) -> None:
         ('region="Q,ZMvg"q"', "region"),
         ("app=a b", "app"),
         (f"instance={MACHINE};timeout=0.1ms", "at least 1ms"),
+        (f"instance={MACHINE};timeout={'9' * 400}s", "longer than"),
+        (f"instance={MACHINE};timeout=25h", "longer than"),
     ],
 )
 def test_invalid_header_names_the_rule(header: str, rule: str) -> None:
@@ -109,6 +111,8 @@ def test_json_form_with_transform_and_cache() -> None:
         (b'{"instance": "148e272a6d4689", "cache": {"prefix": "/x", "ttl": 5}}', "at least 10"),
         (b'{"instance": "148e272a6d4689", "surprise": 1}', "unknown field"),
         (b"[" * 100_000, "too long"),
+        (b'{"instance": "148e272a6d4689", "timeout": 1e400}', "not a duration"),
+        (b'{"instance": "148e272a6d4689", "timeout": 100000}', "longer than"),
     ],
 )
 def test_invalid_json_names_the_rule(body: bytes, rule: str) -> None:

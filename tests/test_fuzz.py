@@ -1,0 +1,665 @@
+"""Fuzzing (hypothesis): the token codec, the routing decision, every Fly header parser, the ASGI layer.
+
+Properties, each over ``FUZZ_EXAMPLES`` generated inputs (default 10,000; the documented longer
+run is ``FUZZ_EXAMPLES=100000 .venv/bin/pytest tests/test_fuzz.py``); the ASGI test runs a tenth:
+
+- no exception escapes but the one each function documents (``InvalidToken``, ``InvalidReplay``);
+- a token verifies only if this key ring issued exactly it, and then proves what was signed;
+- a replay or forward target only ever comes from a token signed with the right key for the right app;
+- a parsed ``fly-replay`` instruction survives ``to_header()`` and a second parse unchanged;
+- the layer answers only 404, 307 to a proven owner, or the inner app's own answer (a request that is
+  this machine's, or that names no session).
+
+Hypothesis draws one 64-bit seed per example and ``Inputs`` builds the structured input from it
+(a few microseconds, against milliseconds for composite strategies: 10,000 examples per test fit the
+default run). A failure prints the seed and the generated input (``note``). Every test counts the
+examples it ran and asserts the count, so a setting that silently runs fewer cannot pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import os
+import random
+import string
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote_from_bytes
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+
+import app.affinity.middleware as middleware_module
+from app.affinity.decision import Arrival, Forward, Reject, Replay, Serve, decide
+from app.affinity.forward import FORWARDED_FROM
+from app.affinity.middleware import AffinityMiddleware
+from app.affinity.token import CLOCK_SKEW_SECONDS, InvalidToken, SessionToken, TokenCodec
+from app.fly import (
+    InvalidReplay,
+    ReplayFailure,
+    ReplayInstruction,
+    ReplaySource,
+    parse_replay_failed,
+    parse_replay_header,
+    parse_replay_json,
+    parse_replay_src,
+)
+from app.settings import AffinitySettings
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
+ASGI_EXAMPLES = max(EXAMPLES // 10, 100)
+
+APP = "fuzz-app"
+KEY_NEW = "fuzz-key-new-0123456789abcdef"
+KEY_OLD = "fuzz-key-old-0123456789abcdef"
+THIS_MACHINE = "aaaaaaaaaaaaaa"
+OTHER_MACHINES = ("bbbbbbbbbbbbbb", "148e272a6d4689", "z")
+NOW = 1_795_000_000.0
+
+RING = TokenCodec((KEY_NEW, KEY_OLD), app_name=APP)
+OLD_KEY_ONLY = TokenCodec((KEY_OLD,), app_name=APP)
+WRONG_KEY = TokenCodec(("fuzz-key-wrong-0123456789abcdef",), app_name=APP)
+OTHER_APP = TokenCodec((KEY_NEW, KEY_OLD), app_name="fuzz-app-2")
+SIGNERS = (RING, OLD_KEY_ONLY, WRONG_KEY, OTHER_APP)
+
+BASE64URL = string.ascii_letters + string.digits + "-_"
+MACHINE_CHARS = string.digits + string.ascii_lowercase
+VISIBLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
+# Characters that trip parsers: separators, quotes, controls, non-ASCII digits ("²".isdigit() is
+# True), spaces Python strips, a byte-order mark, astral characters.
+TRICKY = ";,=\"'= \t\r\n\x00\x0b\x7f\x85\xa0²٣é\xffĀ\u200b\u2028\ufeff\uffff😀\U0010ffff"
+UNICODE = "".join(chr(code) for code in range(128)) + TRICKY
+# What a mutation may put into a token: its alphabet, its separator, base64's other spellings, junk.
+MUTATION_CHARS = BASE64URL + ".=+/%~" + TRICKY
+
+T = TypeVar("T")
+
+
+class Inputs:
+    """Structured random inputs from one seed, biased towards short values and boundaries."""
+
+    def __init__(self, seed: int) -> None:
+        self._random = random.Random(seed)
+
+    def below(self, n: int) -> int:
+        return self._random.randrange(n) if n > 1 else 0
+
+    def flag(self, chance: float = 0.5) -> bool:
+        return self._random.random() < chance
+
+    def pick(self, options: Sequence[T]) -> T:
+        return options[self.below(len(options))]
+
+    def size(self, max_size: int, min_size: int = 0) -> int:
+        roll = self._random.random()
+        if roll < 0.1:
+            return min_size
+        if roll < 0.2:
+            return max_size
+        if roll < 0.7:
+            return min(max_size, min_size + self.below(9))
+        return min_size + self.below(max_size - min_size + 1)
+
+    def text(self, alphabet: str, max_size: int, min_size: int = 0) -> str:
+        return "".join(self._random.choices(alphabet, k=self.size(max_size, min_size)))
+
+    def bytes(self, max_size: int, min_size: int = 0) -> bytes:
+        return self._random.randbytes(self.size(max_size, min_size))
+
+    def shuffle(self, items: list[Any]) -> None:
+        self._random.shuffle(items)
+
+    def integer(self, low: int, high: int) -> int:
+        return self.pick((low, high)) if self.flag(0.1) else self._random.randint(low, high)
+
+    def real(self, low: float, high: float) -> float:
+        return self.pick((low, high)) if self.flag(0.1) else self._random.uniform(low, high)
+
+
+def run_fuzz(build: Callable[[Inputs], T], check: Callable[[T], None], examples: int = EXAMPLES) -> int:
+    """Run ``check`` over ``examples`` inputs made by ``build``; the number of inputs it checked."""
+    checked = 0
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(st.integers(min_value=0, max_value=2**64 - 1))
+    def run(seed: int) -> None:
+        nonlocal checked
+        value = build(Inputs(seed))
+        note(f"input: {value!r}")
+        checked += 1
+        check(value)
+
+    run()
+    return checked
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Minted:
+    """A candidate token and what the right key ring proves with it (``None``: nothing)."""
+
+    token: str
+    proves: SessionToken | None
+
+
+def machine_id(inputs: Inputs) -> str:
+    if inputs.flag():
+        return inputs.pick((THIS_MACHINE, *OTHER_MACHINES))
+    return inputs.text(MACHINE_CHARS, 32, min_size=1)
+
+
+def signed_token(inputs: Inputs) -> Minted:
+    """A token signed by some codec: the ring's signing key, its older key, a wrong key, another app."""
+    owner = machine_id(inputs)
+    inner = uuid.UUID(int=inputs.below(2**128)).hex if inputs.flag() else inputs.text(VISIBLE_ASCII, 128, min_size=1)
+    # From eleven days before NOW to five minutes after it (beyond the clock skew allowance).
+    issued = inputs.integer(int(NOW) - 1_000_000, int(NOW) + 300)
+    signer = inputs.pick(SIGNERS)
+    token = signer.issue(owner, inner, now=issued)
+    proven = signer is RING or signer is OLD_KEY_ONLY
+    return Minted(token, SessionToken(owner, inner, issued) if proven else None)
+
+
+def mutated_token(inputs: Inputs) -> Minted:
+    original = signed_token(inputs)
+    token = original.token
+    for _ in range(1 + inputs.below(3)):
+        index = inputs.below(len(token) + 1)
+        kind = inputs.pick(("insert", "delete", "replace"))
+        char = inputs.pick(MUTATION_CHARS)
+        if kind == "insert":
+            token = token[:index] + char + token[index:]
+        elif kind == "delete":
+            token = token[:index] + token[index + 1 :]
+        else:
+            token = token[:index] + char + token[index + 1 :]
+    return Minted(token, original.proves if token == original.token else None)
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def token_shaped(inputs: Inputs) -> Minted:
+    """Matches the token grammar (canonical signature spelling included) but was never signed."""
+    inner, issued, signature = inputs.bytes(40, min_size=2), inputs.bytes(8, min_size=1), inputs.bytes(32, min_size=32)
+    return Minted(f"{machine_id(inputs)}.{b64(inner)}.{b64(issued)}.{b64(signature)}", None)
+
+
+def any_text(inputs: Inputs, max_size: int = 300) -> str:
+    return inputs.text(UNICODE, max_size)
+
+
+def candidate_token(inputs: Inputs) -> Minted:
+    kind = inputs.below(4)
+    if kind == 0:
+        return Minted(any_text(inputs), None)
+    if kind == 1:
+        return token_shaped(inputs)
+    if kind == 2:
+        return signed_token(inputs)
+    return mutated_token(inputs)
+
+
+def expected_verify(minted: Minted, *, now: float, max_age: float | None) -> SessionToken | None:
+    """What ``RING.verify`` must answer: the session, or ``None`` for ``InvalidToken``."""
+    if minted.proves is None:
+        return None
+    age = now - minted.proves.issued_at
+    if age < -CLOCK_SKEW_SECONDS or (max_age is not None and age > max_age):
+        return None
+    return minted.proves
+
+
+def max_age(inputs: Inputs) -> float | None:
+    return None if inputs.flag() else inputs.real(1, 2_000_000)
+
+
+def test_verify_accepts_exactly_the_tokens_this_ring_signed() -> None:
+    def check(case: tuple[Minted, float | None]) -> None:
+        minted, age_limit = case
+        expected = expected_verify(minted, now=NOW, max_age=age_limit)
+        if expected is None:
+            with pytest.raises(InvalidToken):
+                RING.verify(minted.token, now=NOW, max_age=age_limit)
+        else:
+            assert RING.verify(minted.token, now=NOW, max_age=age_limit) == expected
+
+    assert run_fuzz(lambda inputs: (candidate_token(inputs), max_age(inputs)), check) >= EXAMPLES
+
+
+def test_every_single_edit_at_every_position_of_a_token_is_refused() -> None:
+    token = RING.issue("148e272a6d4689", "7da4e80665bd4c6fb73231d63f0c227f", now=NOW)
+    assert RING.verify(token, now=NOW).owner_machine_id == "148e272a6d4689"
+    edits: set[str] = set()
+    for index in range(len(token) + 1):
+        edits.add(token[:index] + token[index + 1 :])
+        for char in MUTATION_CHARS:
+            edits.add(token[:index] + char + token[index:])
+            edits.add(token[:index] + char + token[index + 1 :])
+    edits.discard(token)
+    for edited in edits:
+        with pytest.raises(InvalidToken):
+            RING.verify(edited, now=NOW)
+    assert len(edits) > 100 * len(token)
+
+
+# --- the routing decision -----------------------------------------------------------------------
+
+
+def arrival(inputs: Inputs) -> Arrival:
+    return Arrival(
+        replayed_from=inputs.pick((None, None, "", machine_id(inputs), any_text(inputs, 20))),
+        replay_failed=inputs.flag(0.2),
+        preferred_unavailable=inputs.flag(0.2),
+        forwarded_from=inputs.pick((None, None, machine_id(inputs), any_text(inputs, 20))),
+        body_replayable=inputs.flag(0.7),
+    )
+
+
+@dataclass(frozen=True)
+class DecideCase:
+    minted: Minted
+    arrival: Arrival
+    now: float
+    max_age: float | None
+
+
+def test_decide_names_only_owners_that_a_genuine_token_proves() -> None:
+    def check(case: DecideCase) -> None:
+        decision = decide(
+            case.minted.token,
+            machine_id=THIS_MACHINE,
+            codec=RING,
+            now=case.now,
+            max_age=case.max_age,
+            arrival=case.arrival,
+        )
+        proven = expected_verify(case.minted, now=case.now, max_age=case.max_age)
+        if proven is None:
+            assert isinstance(decision, Reject), f"{decision} for a token that proves nothing"
+            return
+        if proven.owner_machine_id == THIS_MACHINE:
+            assert decision == Serve(proven.inner_session_id)
+            return
+        assert not isinstance(decision, Serve)
+        assert decision.owner_machine_id == proven.owner_machine_id
+        came = case.arrival
+        second_hop = came.replayed_from is not None or came.forwarded_from is not None
+        if isinstance(decision, Replay | Forward):
+            assert not second_hop, "a second hop could loop"
+            assert not came.replay_failed
+            assert not came.preferred_unavailable
+            assert isinstance(decision, Forward) == (not came.body_replayable)
+        else:
+            assert second_hop or came.replay_failed or came.preferred_unavailable, decision.reason
+
+    def build(inputs: Inputs) -> DecideCase:
+        return DecideCase(candidate_token(inputs), arrival(inputs), inputs.real(NOW - 100, NOW + 2e6), max_age(inputs))
+
+    assert run_fuzz(build, check) >= EXAMPLES
+
+
+# --- Fly's header grammar -----------------------------------------------------------------------
+
+FIELD_NAMES = (
+    *("instance", "prefer_instance", "region", "app", "elsewhere", "state", "timeout", "fallback"),
+    *("INSTANCE", " region ", "t", "reason", "elapsed_ms", "replay_source", "bogus", ""),
+)
+SAMPLE_VALUES = ("true", "false", "TRUE", "force_self", "prefer_self", "any", "sjc,any", "", '""', '"a,b"')
+
+
+def field_value(inputs: Inputs) -> str:
+    kind = inputs.below(6)
+    if kind == 0:
+        return machine_id(inputs)
+    if kind == 1:
+        number = inputs.text(string.digits, 6, min_size=1)
+        fraction = "." + inputs.text(string.digits, 4, min_size=1) if inputs.flag(0.3) else ""
+        return number + fraction + inputs.pick(("ms", "s", "m", "h", "", "S", "us"))
+    if kind == 2:
+        return inputs.text(string.digits, 25, min_size=1)
+    if kind == 3:
+        return inputs.pick(SAMPLE_VALUES)
+    if kind == 4:
+        return inputs.text(string.ascii_letters + string.digits + ' ;,="-_.', 20)
+    return any_text(inputs, 20)
+
+
+def duration(inputs: Inputs) -> str:
+    # Now and then more digits than a float holds (1e400 seconds is infinity).
+    number = inputs.text(string.digits, 400 if inputs.flag(0.1) else 6, min_size=1)
+    fraction = "." + inputs.text(string.digits, 4, min_size=1) if inputs.flag(0.3) else ""
+    return number + fraction + inputs.pick(("ms", "s", "m", "h"))
+
+
+def plausible_instruction(inputs: Inputs) -> str:
+    """Mostly what an app would send: a target, then any of the optional fields, in any order."""
+    target = inputs.pick(("instance", "prefer_instance", "region", "app", "elsewhere"))
+    value = {"region": inputs.pick(("sjc", "sjc,any", "ams,fra", "x y")), "elsewhere": "true"}.get(target)
+    fields = [f"{target}={value or machine_id(inputs)}"]
+    optional = {
+        "timeout": lambda: duration(inputs),
+        "fallback": lambda: inputs.pick(("force_self", "prefer_self")),
+        "state": lambda: inputs.text(string.ascii_letters + string.digits + "-_:/ ", 30),
+        "app": lambda: inputs.pick(("other-app", "x")),
+    }
+    fields += [f"{key}={make()}" for key, make in optional.items() if inputs.flag(0.4)]
+    inputs.shuffle(fields)
+    return ";".join(fields)
+
+
+def header_value(inputs: Inputs) -> str:
+    kind = inputs.below(4)
+    if kind == 3:
+        return plausible_instruction(inputs)
+    if kind == 0:
+        fields = []
+        for _ in range(inputs.size(6)):
+            key, value = inputs.pick(FIELD_NAMES), field_value(inputs)
+            fields.append(f'{key}="{value}"' if inputs.flag(0.3) else f"{key}={value}")
+        return inputs.pick((";", "; ", " ;")).join(fields)
+    if kind == 1:
+        return any_text(inputs)
+    return inputs.text(';="=, \t', 40)
+
+
+def assert_round_trips(instruction: ReplayInstruction) -> None:
+    if instruction.transform is not None or instruction.cache is not None:
+        return
+    header = instruction.to_header()
+    assert parse_replay_header(header) == instruction, f"{instruction} -> {header!r} parses differently"
+
+
+def test_fly_replay_header_parses_or_raises_invalid_replay_and_round_trips() -> None:
+    def check(value: str) -> None:
+        try:
+            instruction = parse_replay_header(value)
+        except InvalidReplay:
+            return
+        assert_round_trips(instruction)
+
+    assert run_fuzz(header_value, check) >= EXAMPLES
+
+
+def json_value(inputs: Inputs, depth: int = 0) -> object:
+    kind = inputs.below(9 if depth < 3 else 7)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return inputs.flag()
+    if kind == 2:
+        return inputs.integer(-(10**20), 10**20)
+    if kind == 3:
+        return inputs.pick((0.0, -0.0, 0.0001, 1.5, 1e308, 10**400, math.inf, math.nan, inputs.real(-1e6, 1e6)))
+    if kind in (4, 5, 6):
+        return field_value(inputs)
+    if kind == 7:
+        return [json_value(inputs, depth + 1) for _ in range(inputs.size(4))]
+    return {inputs.pick(JSON_KEYS): json_value(inputs, depth + 1) for _ in range(inputs.size(4))}
+
+
+JSON_KEYS = (*FIELD_NAMES, "transform", "cache", "path", "set_headers", "delete_headers", "prefix", "ttl", "invalidate")
+
+
+def json_sub_object(inputs: Inputs) -> dict[str, object]:
+    options: dict[str, Callable[[], object]] = {
+        "path": lambda: inputs.pick(("/x", "x", "", 3, any_text(inputs, 8))),
+        "set_headers": lambda: json_value(inputs, 1),
+        "delete_headers": lambda: inputs.pick((["a"], [], [1], "a", json_value(inputs, 1))),
+        "prefix": lambda: inputs.pick(("/p", "p", any_text(inputs, 8))),
+        "ttl": lambda: inputs.pick((10, 9, 300, -5, 10.0, True, None, "10")),
+        "invalidate": lambda: inputs.pick((True, False, 1, "true")),
+    }
+    return {key: make() for key, make in options.items() if inputs.flag(0.4)}
+
+
+def json_body(inputs: Inputs) -> bytes:
+    kind = inputs.below(5)
+    if kind <= 1:
+        document = {inputs.pick(JSON_KEYS): json_value(inputs) for _ in range(inputs.size(5))}
+        return json.dumps(document).encode()
+    if kind == 2:
+        keys = ("instance", "region", "app", "elsewhere", "state", "timeout", "fallback", "transform", "cache")
+        document = {
+            key: json_sub_object(inputs) if key in ("transform", "cache") else json_value(inputs) for key in keys
+        }
+        return json.dumps({key: value for key, value in document.items() if inputs.flag(0.3)}).encode()
+    if kind == 3:
+        return inputs.bytes(200)
+    depth = inputs.integer(0, 5000)
+    return b"[" * depth + b"]" * depth
+
+
+def test_fly_replay_json_parses_or_raises_invalid_replay_and_round_trips() -> None:
+    def check(body: bytes) -> None:
+        try:
+            instruction = parse_replay_json(body)
+        except InvalidReplay:
+            return
+        assert_round_trips(instruction)
+
+    assert run_fuzz(json_body, check) >= EXAMPLES
+
+
+def test_fly_replay_src_and_failed_parse_anything() -> None:
+    def check(value: str) -> None:
+        source = parse_replay_src(value)
+        failure = parse_replay_failed(value)
+        assert isinstance(source, ReplaySource)
+        assert isinstance(failure, ReplayFailure)
+        assert source.t is None or 0 <= source.t < 10**20
+        assert failure.elapsed_ms is None or 0 <= failure.elapsed_ms < 10**12
+
+    def build(inputs: Inputs) -> str:
+        # Now and then longer than the parsers' 4,096-character cut.
+        return header_value(inputs) if inputs.flag(0.98) else any_text(inputs, 4500)
+
+    assert run_fuzz(build, check) >= EXAMPLES
+
+
+# --- the ASGI layer -----------------------------------------------------------------------------
+
+INNER_APP_STATUS = 299
+MINTED_BY_INNER_APP = "fresh0123456789abcdef0123456789ab"
+HANDSHAKE = [version.encode() for version in HANDSHAKE_PROTOCOL_VERSIONS]
+# Bytes an HTTP server can hand over in a header value and in a query string.
+HEADER_BYTES = bytes(b for b in range(256) if b not in b"\r\n\x00")
+QUERY_BYTES = bytes(b for b in range(256) if 0x21 <= b <= 0x7E or b >= 0x80)
+
+
+def header_bytes(inputs: Inputs, max_size: int = 120) -> bytes:
+    return bytes(inputs.pick(HEADER_BYTES) for _ in range(inputs.size(max_size)))
+
+
+@dataclass
+class InnerApp:
+    """The server behind the layer: records what it saw, answers 299, repeats or mints a session id."""
+
+    scopes: list[dict[str, Any]]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        session = next((value for name, value in scope["headers"] if name == b"mcp-session-id"), None)
+        headers = [(b"mcp-session-id", session or MINTED_BY_INNER_APP.encode())]
+        await send({"type": "http.response.start", "status": INNER_APP_STATUS, "headers": headers})
+        await send({"type": "http.response.body", "body": b"inner"})
+
+
+class RecordingForwarder:
+    """Stands in for the network forwarder: records the owner it was asked to reach, reaches nobody."""
+
+    def __init__(self) -> None:
+        self.owner_urls: list[str] = []
+
+    async def forward(self, scope: Any, receive: Any, send: Any, *, owner_url: str, this_machine: str) -> bool:
+        self.owner_urls.append(owner_url)
+        return False
+
+
+class FrozenClock:
+    """The layer's clock, stopped at NOW, so that a token's age is what the test computed."""
+
+    @staticmethod
+    def time() -> float:
+        return NOW
+
+
+@dataclass(frozen=True)
+class AsgiCase:
+    method: str
+    headers: list[tuple[bytes, bytes]]
+    query_string: bytes
+    carried: tuple[Minted, ...]
+
+
+ROUTING_HEADERS = (
+    b"fly-replay-src",
+    b"fly-replay-failed",
+    b"fly-preferred-instance-unavailable",
+    FORWARDED_FROM,
+    b"content-length",
+    b"transfer-encoding",
+    b"fly-request-id",
+)
+
+
+def asgi_case(inputs: Inputs) -> AsgiCase:
+    carried: list[Minted] = []
+    headers: list[tuple[bytes, bytes]] = [(b"host", b"127.0.0.1:8080")]
+
+    def session_value() -> Minted:
+        if inputs.flag(0.2):
+            return Minted(header_bytes(inputs).decode("latin-1"), None)
+        return candidate_token(inputs)
+
+    for _ in range(inputs.pick((0, 1, 1, 1, 2))):
+        minted = session_value()
+        carried.append(minted)
+        headers.append((b"mcp-session-id", minted.token.encode("utf-8")))
+    version = inputs.pick((None, None, *HANDSHAKE, b"2026-07-28", header_bytes(inputs, 12)))
+    if version is not None:
+        headers.append((b"mcp-protocol-version", version))
+    for _ in range(inputs.size(4)):
+        name = inputs.pick(ROUTING_HEADERS)
+        if name == b"content-length" and inputs.flag(0.8):
+            value = str(inputs.integer(0, 3_000_000)).encode()
+        elif name == b"transfer-encoding":
+            value = b"chunked"
+        else:
+            value = header_bytes(inputs)
+        headers.append((name, value))
+    inputs.shuffle(headers)
+    query = bytes(inputs.pick(QUERY_BYTES) for _ in range(inputs.size(60)))
+    if inputs.flag():
+        minted = session_value()
+        carried.append(minted)
+        encoded = quote_from_bytes(minted.token.encode("utf-8"), safe="").encode()
+        query = inputs.pick((b"", b"a=1&")) + b"session_id=" + encoded + (b"&" + query if query else b"")
+    return AsgiCase(inputs.pick(("POST", "GET", "DELETE")), headers, query, tuple(carried))
+
+
+@contextmanager
+def quiet_layer_logs() -> Iterator[None]:
+    """The layer logs every refused token at info: thousands of lines that say nothing here."""
+    logger = logging.getLogger("app.affinity")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def test_the_layer_answers_only_404_a_proven_replay_or_the_inner_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(middleware_module, "time", FrozenClock)
+    layer_settings = AffinitySettings(machine_id=THIS_MACHINE, secret_keys=(KEY_NEW, KEY_OLD), app_name=APP)
+    loop = asyncio.new_event_loop()
+
+    def check(case: AsgiCase) -> None:
+        inner = InnerApp([])
+        layer = AffinityMiddleware(inner, settings=layer_settings)
+        forwarder = RecordingForwarder()
+        layer._forwarder = forwarder  # type: ignore[assignment]
+        sent: list[dict[str, Any]] = []
+        body = [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+        async def receive() -> dict[str, Any]:
+            return body.pop(0) if len(body) > 1 else body[0]
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": case.method,
+            "scheme": "http",
+            "path": "/mcp",
+            "raw_path": b"/mcp",
+            "root_path": "",
+            "query_string": case.query_string,
+            "headers": case.headers,
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8080),
+        }
+        loop.run_until_complete(layer(scope, receive, send))
+
+        proven = [session for m in case.carried if (session := expected_verify(m, now=NOW, max_age=None))]
+        proven_elsewhere = {session.owner_machine_id for session in proven} - {THIS_MACHINE}
+        for url in forwarder.owner_urls:
+            assert any(url == layer_settings.peer_url(owner) for owner in proven_elsewhere), f"forwarded to {url}"
+        assert sent, "the layer sent no answer"
+        start = sent[0]
+        assert start["type"] == "http.response.start"
+        status, headers = start["status"], dict(start["headers"])
+        if status == 307:
+            assert not inner.scopes
+            instruction = parse_replay_header(headers[b"fly-replay"].decode("ascii"))
+            assert (instruction.instance or instruction.prefer_instance) in proven_elsewhere
+            return
+        if status == 404:
+            assert not inner.scopes
+            assert json.loads(sent[1]["body"])["error"]["code"] == -32600
+            return
+        assert status == INNER_APP_STATUS, f"the layer answered {status}"
+        assert len(inner.scopes) == 1
+        seen = inner.scopes[0]
+        seen_ids = [value for name, value in seen["headers"] if name == b"mcp-session-id"]
+        versions = [value for name, value in case.headers if name == b"mcp-protocol-version"]
+        passed_through = bool(versions) and versions[-1] not in HANDSHAKE
+        if passed_through:
+            return
+        if case.carried:
+            local = [
+                session.inner_session_id.encode() for session in proven if session.owner_machine_id == THIS_MACHINE
+            ]
+            assert local, "the inner app was reached with a session this machine cannot prove"
+            assert any(inner_id in seen_ids or inner_id in seen["query_string"] for inner_id in local)
+        if not seen_ids:
+            # A session id the inner app just minted leaves wrapped in a token naming this machine.
+            answered = headers[b"mcp-session-id"].decode("ascii")
+            assert RING.verify(answered, now=NOW).owner_machine_id == THIS_MACHINE
+
+    try:
+        with quiet_layer_logs():
+            assert run_fuzz(asgi_case, check, ASGI_EXAMPLES) >= ASGI_EXAMPLES
+    finally:
+        loop.close()
