@@ -2,8 +2,8 @@
 
 Starts N ``uvicorn`` machines (``app.main:app`` by default), puts the edge in front of them on
 ``--port``, prints what it started, and runs until Ctrl-C or SIGTERM, which stop the edge and every
-machine it started. ``python -m app.edge machine stop|start|kill ID`` and ``python -m app.edge
-status`` talk to a running edge.
+machine it started (suspended ones included). The live page is at ``/_edge/``. ``python -m app.edge
+machine stop|start|suspend|resume|kill ID`` and ``python -m app.edge status`` talk to a running edge.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import uvloop
 
 from app import fly
-from app.edge.config import DEFAULT_APP_NAME, DEFAULT_REGION, EdgeConfig, FlyToml
+from app.edge.config import DEFAULT_APP_NAME, DEFAULT_AUTOSTOP_INTERVAL, DEFAULT_REGION, EdgeConfig, FlyToml
 from app.edge.control import MACHINE_VERBS
 from app.edge.fleet import Fleet, FleetSpec
 from app.edge.machine import MachineStartError
@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a local fleet of machines behind a simulated Fly edge proxy, so that session affinity "
             "with fly-replay can be seen and tested without a Fly account."
         ),
-        epilog="Verbs for a running edge: 'machine stop|start|kill ID', 'status'. Ctrl-C or SIGTERM stops everything.",
+        epilog=(
+            "Verbs for a running edge: 'machine stop|start|suspend|resume|kill ID', 'status'. "
+            "The live page is at http://HOST:PORT/_edge/. Ctrl-C or SIGTERM stops everything."
+        ),
     )
     fleet = parser.add_argument_group("fleet")
     fleet.add_argument(
@@ -86,11 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--fly-toml",
         type=Path,
         default=None,
-        help="fly.toml to read replay_cache rules and idle_timeout from (default ./fly.toml if present)",
+        help=(
+            "fly.toml to read replay_cache rules, idle_timeout, auto_stop_machines, auto_start_machines, "
+            "min_machines_running and concurrency limits from (default ./fly.toml if present)"
+        ),
+    )
+    edge.add_argument(
+        "--autostop-interval",
+        type=float,
+        default=DEFAULT_AUTOSTOP_INTERVAL,
+        metavar="SECONDS",
+        help=(
+            f"how often autostop looks for idle machines (default {DEFAULT_AUTOSTOP_INTERVAL:g}; Fly checks every "
+            "few minutes); a machine is idle with no request in flight for a whole interval"
+        ),
     )
     edge.add_argument("--log-level", default="info", choices=("debug", "info", "warning"), help="edge log level")
     verbs = parser.add_subparsers(dest="verb", metavar="{machine,status}")
-    machine = verbs.add_parser("machine", help="stop, start or kill a machine of a running edge")
+    machine = verbs.add_parser(
+        "machine",
+        help="stop, start, suspend, resume or kill a machine of a running edge",
+        description=(
+            "stop: SIGTERM, memory and sessions gone; suspend: SIGSTOP, memory kept; start: boot a stopped "
+            "machine fresh (same id) or resume a suspended one; resume: same as start; kill: SIGKILL (a crash)."
+        ),
+    )
     machine.add_argument("action", choices=MACHINE_VERBS)
     machine.add_argument("machine_id", metavar="ID")
     machine.add_argument("--edge", default=DEFAULT_EDGE, help=f"the running edge (default {DEFAULT_EDGE})")
@@ -126,6 +149,8 @@ class _Plan:
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
+    if not args.autostop_interval > 0:
+        raise ValueError("--autostop-interval must be a positive number of seconds")
     if args.machines < 0 or (args.machines == 0 and not args.backend):
         raise ValueError("--machines must be at least 1, or 0 with at least one --backend")
     path = args.fly_toml if args.fly_toml is not None else Path("fly.toml")
@@ -195,6 +220,12 @@ async def _run(plan: _Plan) -> int:
             replay_cache=plan.fly_toml.replay_cache,
             balance=args.balance,
             edge_port=port,
+            auto_stop=plan.fly_toml.auto_stop,
+            auto_start=plan.fly_toml.auto_start,
+            min_machines_running=plan.fly_toml.min_machines_running,
+            autostop_interval=args.autostop_interval,
+            soft_limit=plan.fly_toml.soft_limit,
+            hard_limit=plan.fly_toml.hard_limit,
         )
         edge = EdgeProxy(fleet, config)
         server = edge_server(edge)
@@ -238,12 +269,26 @@ def _banner(fleet: Fleet, config: EdgeConfig, plan: _Plan, edge_url: str) -> str
         "",
         f"edge:     {edge_url}",
         f"MCP:      {edge_url}/mcp   (legacy SSE: {edge_url}/sse)",
+        f"page:     {edge_url}/_edge/   (live view of machines, sessions and replays)",
         f"status:   {edge_url}/_edge/status",
-        f"control:  python -m app.edge machine stop|start|kill <id> --edge {edge_url}",
+        f"control:  python -m app.edge machine stop|start|suspend|resume|kill <id> --edge {edge_url}",
         f"fly.toml: {source}; idle_timeout {config.idle_timeout:g}s; replay cache: {rules or 'none'}",
+        f"autostop: {_autostop_line(config)}",
         f"stop:     Ctrl-C (or kill -TERM {os.getpid()}) stops the edge and every machine it started",
     ]
     return "\n".join(rows)
+
+
+def _autostop_line(config: EdgeConfig) -> str:
+    hard = "none" if config.hard_limit is None else str(config.hard_limit)
+    limits = f"concurrency soft {config.soft_limit} / hard {hard} requests"
+    start = "autostart on" if config.auto_start else "autostart off"
+    if config.auto_stop == "off":
+        return f"off; {start}; {limits}"
+    return (
+        f"{config.auto_stop} idle machines every {config.autostop_interval:g}s, keeping "
+        f"{config.min_machines_running} running; {start}; {limits}"
+    )
 
 
 def _call_edge(url: str, *, method: str) -> int:

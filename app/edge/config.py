@@ -1,10 +1,12 @@
 """The edge's configuration, partly read from the project's ``fly.toml``.
 
-The real Fly Proxy takes two things from ``fly.toml`` that the simulated edge reproduces: the
-session-based replay cache rules (``[[http_service.http_options.replay_cache]]``) and the idle
-timeout of HTTP connections (``[http_service.http_options] idle_timeout``). ``primary_region``
-names the fleet's one local region when present. Reference: Fly's fly.toml configuration page,
-as summarised in ``shared/reference/fly-proxy.md``.
+The real Fly Proxy takes these things from ``fly.toml`` that the simulated edge reproduces: the
+session-based replay cache rules (``[[http_service.http_options.replay_cache]]``), the idle
+timeout of HTTP connections (``[http_service.http_options] idle_timeout``), autostop/autostart
+(``auto_stop_machines``, ``auto_start_machines``, ``min_machines_running``) and the concurrency
+limits (``[http_service.concurrency] soft_limit`` / ``hard_limit``). ``primary_region`` names the
+fleet's one local region when present. Reference: Fly's fly.toml configuration page and its
+autostop/autostart and load balancing pages, as summarised in ``shared/reference/fly-proxy.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ DEFAULT_APP_NAME = "local-mcp"
 # Fly refuses replay cache TTLs under ten seconds.
 MIN_CACHE_TTL_SECONDS = 10
 
+# Fly's documented defaults when [http_service.concurrency] is absent: soft 20, no hard limit.
+DEFAULT_SOFT_LIMIT = 20
+# Fly checks for excess capacity "every few minutes"; locally a shorter cadence shows the effect
+# without waiting (``--autostop-interval``; the tests use half a second).
+DEFAULT_AUTOSTOP_INTERVAL = 30.0
+# Unspecified by Fly: how long a request waits when every machine is at its hard limit before the
+# edge gives up with 503 (Fly's proxy retries load balancing for a few seconds, then errors).
+DEFAULT_QUEUE_TIMEOUT = 5.0
+
 CacheKeyKind = Literal["header", "cookie"]
+AutoStop = Literal["off", "stop", "suspend"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +83,23 @@ class EdgeConfig:
     default_replay_timeout: float = 5.0
     balance: Literal["random", "round-robin", "least-requests"] = "random"
     edge_port: int = 8080
+    # Autostop/autostart and concurrency, from fly.toml's [http_service] (see autostop.py, targets.py).
+    auto_stop: AutoStop = "off"
+    auto_start: bool = True
+    min_machines_running: int = 0
+    autostop_interval: float = DEFAULT_AUTOSTOP_INTERVAL
+    soft_limit: int = DEFAULT_SOFT_LIMIT
+    hard_limit: int | None = None
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
 
     def __post_init__(self) -> None:
         if not self.idle_timeout > 0:
             raise ValueError("idle_timeout must be a positive number of seconds")
+        _check_lifecycle(self.auto_stop, self.min_machines_running, self.soft_limit, self.hard_limit)
+        if not self.autostop_interval > 0:
+            raise ValueError("the autostop interval must be a positive number of seconds")
+        if self.queue_timeout < 0:
+            raise ValueError("queue_timeout must be zero or more seconds")
         if not self.region:
             raise ValueError("the fleet needs a region name, e.g. lcl")
         if self.balance not in ("random", "round-robin", "least-requests"):
@@ -91,6 +116,14 @@ class FlyToml:
     replay_cache: tuple[SessionCacheRule, ...] = ()
     # [env]: Fly sets these in every machine, so the local fleet does too.
     env: tuple[tuple[str, str], ...] = ()
+    auto_stop: AutoStop = "off"
+    auto_start: bool = True
+    min_machines_running: int = 0
+    soft_limit: int = DEFAULT_SOFT_LIMIT
+    hard_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_lifecycle(self.auto_stop, self.min_machines_running, self.soft_limit, self.hard_limit)
 
     @classmethod
     def load(cls, path: Path, *, required: bool = False) -> FlyToml:
@@ -129,13 +162,53 @@ class FlyToml:
         app = document.get("app")
         region = document.get("primary_region")
         env = _table(document, "env")
+        concurrency = _table(service, "concurrency")
+        soft = _whole(concurrency.get("soft_limit", DEFAULT_SOFT_LIMIT), "http_service.concurrency.soft_limit")
+        hard = concurrency.get("hard_limit")
         return cls(
+            auto_stop=_auto_stop(service.get("auto_stop_machines", "off")),
+            auto_start=bool(service.get("auto_start_machines", True)),
+            min_machines_running=_whole(service.get("min_machines_running", 0), "http_service.min_machines_running"),
+            soft_limit=soft,
+            hard_limit=None if hard is None else _whole(hard, "http_service.concurrency.hard_limit"),
             app=app if isinstance(app, str) and app else None,
             primary_region=region if isinstance(region, str) and region else None,
             idle_timeout=float(idle),
             replay_cache=rules,
             env=tuple((str(key), str(value)) for key, value in env.items()),
         )
+
+
+def _check_lifecycle(auto_stop: str, min_running: int, soft: int, hard: int | None) -> None:
+    if auto_stop not in ("off", "stop", "suspend"):
+        raise ValueError(f'auto_stop_machines {auto_stop!r} must be "off", "stop" or "suspend"')
+    if min_running < 0:
+        raise ValueError("min_machines_running must be 0 or more")
+    if soft < 1:
+        raise ValueError("concurrency soft_limit must be at least 1")
+    if hard is not None and hard < soft:
+        raise ValueError(f"concurrency hard_limit ({hard}) must be at least the soft_limit ({soft})")
+
+
+def _auto_stop(value: object) -> AutoStop:
+    # Older fly.toml files say true/false: true meant "stop".
+    if value is True:
+        return "stop"
+    if value is False:
+        return "off"
+    if value == "stop":
+        return "stop"
+    if value == "suspend":
+        return "suspend"
+    if value == "off":
+        return "off"
+    raise ValueError(f'http_service.auto_stop_machines {value!r} must be "off", "stop" or "suspend"')
+
+
+def _whole(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number")
+    return value
 
 
 def _table(parent: dict[str, Any], key: str) -> dict[str, Any]:

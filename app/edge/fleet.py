@@ -3,18 +3,27 @@
 Each managed machine is one ``python -m uvicorn <app>`` process on a loopback port, with the
 environment a Fly Machine has (``FLY_MACHINE_ID``, ``FLY_ALLOC_ID``, ``FLY_APP_NAME``,
 ``FLY_REGION``) plus the fleet's shared ``AFFINITY_SECRET`` and ``AFFINITY_PEERS``. Machines keep
-their id and port across stop/start, as Fly Machines do, and start with empty memory.
+their id and port across stop/start, as Fly Machines do.
 
-Every machine runs in its own process group and is asked (``PR_SET_PDEATHSIG``) to die with the
-edge, so that no process outlives the fleet even when the edge itself is killed.
-This module owns the machine lifecycle; the proxy only reads machine state and asks for starts.
+The lifecycle, as Fly Machines have it:
+
+- ``stop``: SIGTERM, SIGKILL after ``stop_timeout``; the process ends, its memory (and every
+  in-memory MCP session) is gone;
+- ``suspend``: SIGSTOP to the process group; the memory is kept, connections to it hang;
+- ``start``: a stopped machine boots fresh (same id and port, empty memory); a suspended one is
+  resumed with SIGCONT and continues where it was;
+- ``kill``: SIGKILL at once, like a crash.
+
+A machine started elsewhere (``--backend``) cannot be signalled: stop, suspend and start only take
+it out of rotation or put it back. This module owns the lifecycle; the proxy only reads machine
+state and asks for starts. Every state change is reported to ``listeners`` (the edge's session
+book forgets the sessions of a machine that stopped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import secrets
 import signal
@@ -22,17 +31,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-import aiohttp
-
-from app.edge.machine import Machine, MachineControlError, MachineStartError, new_machine_id
-
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+from app.edge.machine import Machine, MachineControlError, MachineState, new_machine_id
+from app.edge.process import log_tail, signal_group, spawn, wait_healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +62,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+StateListener = Callable[[Machine, MachineState], None]
+
+
 class Fleet:
-    """All machines behind one edge, and their lifecycle: start, stop, kill.
+    """All machines behind one edge, and their lifecycle: start, stop, suspend, kill.
 
     Use ``async with Fleet(...)`` or call ``close()`` in a ``finally``: it kills whatever is left.
     """
@@ -67,7 +74,8 @@ class Fleet:
     def __init__(self, spec: FleetSpec | None = None) -> None:
         self.spec = spec or FleetSpec()
         self.machines: dict[str, Machine] = {}
-        self._starting: dict[str, asyncio.Future[None]] = {}
+        self.listeners: list[StateListener] = []
+        self._locks: dict[str, asyncio.Lock] = {}
         self._log_dir = self.spec.log_dir
 
     @classmethod
@@ -104,12 +112,13 @@ class Fleet:
         return [machine for machine in self.machines.values() if machine.state == "started"]
 
     def refresh(self) -> None:
-        """Notice managed machines whose process exited on its own (a crash)."""
+        """Notice managed machines whose process exited on its own (a crash): they are stopped."""
         for machine in self.machines.values():
             process = machine.process
-            if process is not None and machine.state == "started" and process.poll() is not None:
-                machine.state = "stopped"
+            if process is not None and machine.state in ("started", "suspended") and process.poll() is not None:
                 machine.exit_code = process.returncode
+                machine.process = None
+                self._set_state(machine, "stopped")
 
     async def start_all(self) -> None:
         """Start every stopped managed machine concurrently; raise the first failure after all tried."""
@@ -120,54 +129,66 @@ class Fleet:
                 raise result
 
     async def start(self, machine_id: str) -> Machine:
-        """Start a machine and wait until ``GET /healthz`` answers 2xx. Concurrent calls share one start."""
+        """Start a stopped machine (healthy once ``GET /healthz`` answers 2xx) or resume a suspended one.
+
+        Concurrent calls wait for one another: the second finds the machine started.
+        """
         machine = self.get(machine_id)
-        self.refresh()
-        if machine.state == "started":
-            return machine
-        if not machine.managed:
-            machine.state = "started"  # the edge cannot start it, only put it back in rotation
-            return machine
-        pending = self._starting.get(machine_id)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._starting[machine_id] = pending
-            try:
-                await self._spawn_and_wait(machine)
-                pending.set_result(None)
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # retrieved: the caller gets it by raising below
-                raise
-            finally:
-                del self._starting[machine_id]
-        else:
-            await asyncio.shield(pending)
+        async with self._lock(machine_id):
+            self.refresh()
+            if machine.state == "started":
+                return machine
+            if machine.state == "suspended":
+                if machine.process is not None:
+                    signal_group(machine.process, signal.SIGCONT)
+                self._set_state(machine, "started")
+                return machine
+            if not machine.managed:
+                self._set_state(machine, "started")  # the edge cannot start it, only put it back in rotation
+                return machine
+            await self._spawn_and_wait(machine)
+        return machine
+
+    async def suspend(self, machine_id: str) -> Machine:
+        """SIGSTOP the machine's process group: out of rotation, memory kept."""
+        machine = self.get(machine_id)
+        async with self._lock(machine_id):
+            self.refresh()
+            if machine.state == "suspended":
+                return machine
+            if machine.state != "started":
+                raise MachineControlError(f"machine {machine_id} is {machine.state}; only a started machine suspends")
+            if machine.process is not None:
+                signal_group(machine.process, signal.SIGSTOP)
+            self._set_state(machine, "suspended")
         return machine
 
     async def stop(self, machine_id: str) -> Machine:
         """SIGTERM the machine's process group and wait; SIGKILL after ``stop_timeout``."""
         machine = self.get(machine_id)
-        if not machine.managed or machine.process is None:
-            machine.state = "stopped"
-            return machine
-        machine.state = "stopping"
-        _signal_group(machine.process, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(machine.process.wait, self.spec.stop_timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(machine.process, signal.SIGKILL)
-            await asyncio.to_thread(machine.process.wait)
-        self._mark_exited(machine)
+        async with self._lock(machine_id):
+            process = machine.process
+            if not machine.managed or process is None:
+                self._set_state(machine, "stopped")
+                return machine
+            self._set_state(machine, "stopping")
+            signal_group(process, signal.SIGTERM)
+            signal_group(process, signal.SIGCONT)  # a suspended process must run to see its SIGTERM
+            try:
+                await asyncio.to_thread(process.wait, self.spec.stop_timeout)
+            except subprocess.TimeoutExpired:
+                signal_group(process, signal.SIGKILL)
+                await asyncio.to_thread(process.wait)
+            self._mark_exited(machine)
         return machine
 
     async def kill(self, machine_id: str) -> Machine:
-        """SIGKILL the machine's process group at once, like a crash."""
+        """SIGKILL the machine's process group at once, like a crash (a suspended one too)."""
         machine = self.get(machine_id)
         if not machine.managed:
             raise MachineControlError(f"machine {machine_id} was started elsewhere; the edge cannot kill it")
         if machine.process is not None:
-            _signal_group(machine.process, signal.SIGKILL)
+            signal_group(machine.process, signal.SIGKILL)
             await asyncio.to_thread(machine.process.wait)
         self._mark_exited(machine)
         return machine
@@ -183,7 +204,7 @@ class Fleet:
         """Kill every process this fleet started and reap it. Safe to call twice and from ``finally``."""
         for machine in self.machines.values():
             if machine.process is not None:
-                _signal_group(machine.process, signal.SIGKILL)
+                signal_group(machine.process, signal.SIGKILL)  # SIGKILL ends a SIGSTOPped process too
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     machine.process.wait(timeout=10)
                 self._mark_exited(machine)
@@ -203,15 +224,27 @@ class Fleet:
 
     def log_tail(self, machine: Machine, lines: int = 30) -> str:
         """The last ``lines`` lines of a machine's log."""
-        if machine.log_path is None or not machine.log_path.exists():
-            return ""
-        text = machine.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(machine, lines)
+
+    def _lock(self, machine_id: str) -> asyncio.Lock:
+        lock = self._locks.get(machine_id)
+        if lock is None:
+            lock = self._locks[machine_id] = asyncio.Lock()
+        return lock
+
+    def _set_state(self, machine: Machine, state: MachineState) -> None:
+        if machine.state == state:
+            return
+        machine.state = state
+        machine.unreachable = False
+        for listener in self.listeners:
+            listener(machine, state)
 
     def _environment(self, machine: Machine) -> dict[str, str]:
         peers = ",".join(f"{m.id}={m.url}" for m in self.machines.values())
-        env = dict(os.environ)
-        env.update(self.spec.env)
+        # The shell's environment wins over fly.toml's [env], as `fly secrets` do on Fly: so
+        # `AFFINITY_FAILOVER=cached python -m app.edge` means what it says.
+        env = {**dict(self.spec.env), **os.environ}
         env.update(
             FLY_MACHINE_ID=machine.id,
             FLY_ALLOC_ID=machine.id,
@@ -232,66 +265,21 @@ class Fleet:
         command += ["--no-access-log", "--timeout-graceful-shutdown", "2"]
         if self.spec.app_dir is not None:
             command += ["--app-dir", self.spec.app_dir]
-        machine.state = "starting"
+        self._set_state(machine, "starting")
         machine.exit_code = None
-        log: IO[bytes]
-        with machine.log_path.open("ab") as log:
-            log.write(f"--- starting {machine.id}: {' '.join(command)}\n".encode())
-            log.flush()
-            # A plain Popen (not asyncio's) so that close() can kill and reap from any finally.
-            machine.process = subprocess.Popen(  # noqa: ASYNC220
-                command,
-                env=self._environment(machine),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_own_group_and_die_with_parent,  # before any thread uses it
-            )
+        machine.process = process = spawn(machine, command, self._environment(machine), machine.log_path)
         try:
-            await self._wait_healthy(machine)
+            await wait_healthy(machine, process, self.spec.start_timeout)
         except BaseException:
-            if machine.process.poll() is None:
-                _signal_group(machine.process, signal.SIGKILL)
-                await asyncio.to_thread(machine.process.wait)
+            if process.poll() is None:
+                signal_group(process, signal.SIGKILL)
+                await asyncio.to_thread(process.wait)
             self._mark_exited(machine)
             raise
-        machine.state = "started"
-
-    async def _wait_healthy(self, machine: Machine) -> None:
-        assert machine.process is not None
-        deadline = time.monotonic() + self.spec.start_timeout
-        timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                if machine.process.poll() is not None:
-                    raise MachineStartError(
-                        machine.id, f"process exited with code {machine.process.returncode}", self.log_tail(machine)
-                    )
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with session.get(f"{machine.url}/healthz") as response:
-                        if 200 <= response.status < 300:
-                            return
-                if time.monotonic() > deadline:
-                    raise MachineStartError(
-                        machine.id, f"GET /healthz not 2xx after {self.spec.start_timeout:g}s", self.log_tail(machine)
-                    )
-                await asyncio.sleep(0.05)
+        self._set_state(machine, "started")
 
     def _mark_exited(self, machine: Machine) -> None:
-        machine.state = "stopped"
         if machine.process is not None:
             machine.exit_code = machine.process.poll()
             machine.process = None
-
-
-def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signum)
-
-
-def _own_group_and_die_with_parent() -> None:
-    # Runs in the child between fork and exec: a new process group (so a stop reaches uvicorn's
-    # own children too), and SIGTERM when the edge dies, even by SIGKILL.
-    os.setsid()
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        self._set_state(machine, "stopped")

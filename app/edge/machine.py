@@ -1,19 +1,23 @@
 """One machine as the edge sees it: its id, address, state and counters.
 
 The one place machine state lives. States follow Fly Machines' names: ``starting``, ``started``,
-``stopping``, ``stopped`` (a later ``suspended`` fits here too). ``fleet.py`` changes them; the
-proxy reads them.
+``stopping``, ``stopped``, ``suspended``; the status shows a started machine that refuses
+connections as ``unreachable`` (Fly keeps such a machine in its pool and routes around it, so the
+edge does too: ``state`` stays ``started``, ``unreachable`` is a flag). A machine whose process
+exits on its own (a crash) is ``stopped``, as a Fly Machine is when its main process ends.
+``fleet.py`` changes the state; the proxy reads it and keeps the counters.
 """
 
 from __future__ import annotations
 
 import secrets
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-MachineState = Literal["starting", "started", "stopping", "stopped"]
+MachineState = Literal["starting", "started", "stopping", "stopped", "suspended"]
 
 
 def new_machine_id() -> str:
@@ -45,6 +49,12 @@ class Machine:
     state: MachineState = "stopped"
     requests: int = 0
     in_flight: int = 0
+    # How many times this machine answered with fly-replay (it was not the right machine).
+    replays_answered: int = 0
+    # Set when a connection to a started machine was refused; cleared by the next answer.
+    unreachable: bool = False
+    # time.monotonic() of the last request sent or finished: autostop's "idle since".
+    last_active: float = field(default_factory=time.monotonic)
     exit_code: int | None = None
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -54,14 +64,22 @@ class Machine:
         """The loopback port from ``url``."""
         return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
 
+    @property
+    def shown_state(self) -> str:
+        """The state a user sees: ``state``, or ``unreachable`` for a started machine refusing connections."""
+        if self.state == "started" and self.unreachable:
+            return "unreachable"
+        return self.state
+
     def to_json(self) -> dict[str, object]:
         """The machine's entry in ``GET /_edge/status``."""
         return {
             "id": self.id,
             "url": self.url,
-            "state": self.state,
+            "state": self.shown_state,
             "requests": self.requests,
             "in_flight": self.in_flight,
+            "replays_answered": self.replays_answered,
             "managed": self.managed,
             "pid": self.process.pid if self.process is not None and self.process.poll() is None else None,
             "exit_code": self.exit_code,

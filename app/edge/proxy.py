@@ -6,7 +6,9 @@ that refuse connections), then follow ``fly-replay`` answers (header or JSON for
 answers for real, and stream that answer to the client. The replay answers themselves never reach
 the client. Reference: ``shared/reference/fly-proxy.md``; the routing rules live in ``routing.py``.
 
-Paths under ``/_edge/`` are the edge's own (status, machine control) and are never forwarded.
+Paths under ``/_edge/`` are the edge's own (status, machine control, the live page) and are never
+forwarded. On the way, the edge notes each request's path through the fleet and the MCP sessions
+it sees open and close (``status.py``, ``sessions.py``), and runs autostop (``autostop.py``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Any
 
 import aiohttp
 
+from app.edge.autostop import Autostop, cancel
 from app.edge.cache import ReplayCache
 from app.edge.config import EdgeConfig
 from app.edge.control import EDGE_PREFIX, handle_control
 from app.edge.fleet import Fleet
 from app.edge.headers import read_client_request, response_headers
-from app.edge.machine import Machine
+from app.edge.machine import Machine, MachineState
 from app.edge.routing import Router
+from app.edge.sessions import SSE_PEEK_BYTES, endpoint_session
 from app.edge.status import EdgeStatus
 from app.edge.targets import EdgeError
 from app.edge.upstream import ClientGone, RequestBody, finish_upstream
@@ -60,6 +64,11 @@ class EdgeProxy:
         self._session: aiohttp.ClientSession | None = None
         # The balancer's turn counter for --balance round-robin.
         self.round_robin = itertools.count()
+        self.autostop = Autostop(fleet, self.config, on_stop=self._autostopped)
+        self._autostop_task: asyncio.Task[None] | None = None
+        # Set when the server shuts down: the page's endless feeds end.
+        self.closing = False
+        fleet.listeners.append(self._state_changed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -94,8 +103,12 @@ class EdgeProxy:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.session()
+                if self.config.auto_stop != "off":
+                    self._autostop_task = asyncio.ensure_future(self.autostop.run())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await cancel(self._autostop_task)
+                self._autostop_task = None
                 await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -113,12 +126,36 @@ class EdgeProxy:
             response, machine = await router.route()
         except EdgeError as error:
             self.status.error(error.code, error.message)
+            self.status.route(request.method, request.path, tuple(router.hops), error.status, False, error.code)
             logger.warning("edge error %s for %s %s: %s", error.code, request.method, request.path, error.message)
             await _send_error(send, error, request.request_id)
             return
         except ClientGone:
             return
-        await self._relay(response, machine, send, receive, body, request.request_id)
+        self.status.route(request.method, request.path, tuple(router.hops), response.status, router.cache_hit)
+        self._watch_session(request.method, request.headers, response)
+        # A legacy HTTP+SSE stream names its session in its first event: peek at it.
+        peek = request.method == "GET" and response.headers.get("content-type", "").startswith("text/event-stream")
+        await self._relay(response, machine, send, receive, body, request.request_id, peek)
+
+    def _watch_session(self, method: str, headers: list[tuple[str, str]], response: aiohttp.ClientResponse) -> None:
+        """Note sessions opened and closed by this exchange (a legacy SSE stream's token comes later)."""
+        sent = next((value for name, value in headers if name == "mcp-session-id"), None)
+        answered = response.headers.get("mcp-session-id")
+        sessions = self.status.sessions
+        if answered is not None and answered != sent:
+            sessions.opened(answered, self.fleet.machines)
+        if sent is not None and (response.status == 404 or (method == "DELETE" and response.status < 300)):
+            sessions.closed(sent)
+
+    def _state_changed(self, machine: Machine, state: MachineState) -> None:
+        self.status.record("state", f"{machine.id} {state}")
+        if state == "stopped":
+            self.status.sessions.machine_gone(machine.id)
+
+    def _autostopped(self, machine: Machine, how: str) -> None:
+        self.status.autostops += 1
+        self.status.record("autostop", f"{how} {machine.id}")
 
     async def _relay(
         self,
@@ -128,6 +165,7 @@ class EdgeProxy:
         receive: Receive,
         body: RequestBody,
         request_id: str,
+        peek: bool = False,
     ) -> None:
         """Stream the machine's answer to the client as it comes: no buffering, so SSE events flow.
 
@@ -149,7 +187,7 @@ class EdgeProxy:
                 complete = await self._copy_body(response, send, machine)
             else:
                 watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-                streaming = asyncio.ensure_future(self._copy_body(response, send, machine))
+                streaming = asyncio.ensure_future(self._copy_body(response, send, machine, peek))
                 done, _ = await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if streaming in done:
                     complete = streaming.result()
@@ -165,9 +203,17 @@ class EdgeProxy:
         with contextlib.suppress(OSError, RuntimeError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _copy_body(self, response: aiohttp.ClientResponse, send: Send, machine: Machine) -> bool:
+    async def _copy_body(
+        self, response: aiohttp.ClientResponse, send: Send, machine: Machine, peek: bool = False
+    ) -> bool:
+        token: str | None = None
         try:
             async for chunk in response.content.iter_any():
+                if peek:
+                    peek = False
+                    token = endpoint_session(chunk[:SSE_PEEK_BYTES])
+                    if token is not None:
+                        self.status.sessions.opened(token, self.fleet.machines)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except TimeoutError:
             # The response has started: all the edge can do is end the body (Fly does the same).
@@ -178,6 +224,9 @@ class EdgeProxy:
             self.status.error("upstream_broken", f"machine {machine.id}: {exc}")
             logger.warning("response from machine %s broke off: %s", machine.id, exc)
             return False
+        finally:
+            if token is not None:  # a legacy session lives as long as its stream
+                self.status.sessions.closed(token)
         return True
 
 

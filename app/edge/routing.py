@@ -48,12 +48,20 @@ class Router:
         )
         self.to = Dispatcher(edge, request, body)
         self._served_from_cache = False
+        # Every machine that answered, in order: where the request landed, then each replay target.
+        self.hops: list[str] = []
         # A path rule (fly-replay-cache: /prefix/*) to store once the replay reached its target.
         self._path_rule: tuple[str | None, int] = (None, 0)
+
+    @property
+    def cache_hit(self) -> bool:
+        """Whether the first hop came from the replay cache."""
+        return self._served_from_cache
 
     async def route(self) -> tuple[aiohttp.ClientResponse, Machine]:
         """The response to relay and the machine that gave it. Raises ``EdgeError``."""
         response, machine = await self._first_hop()
+        self.hops.append(machine.id)
         hit = self.lookup.hit if self._served_from_cache else None
         replays = 0
         fallback_hop = False
@@ -62,6 +70,7 @@ class Router:
             self._cache_invalidation(response, instruction)
             if instruction is None:
                 return response, machine
+            machine.replays_answered += 1
             if hit is not None:
                 self.edge.cache.invalidate(hit)  # the cached target no longer takes these requests
                 hit = None
@@ -83,6 +92,7 @@ class Router:
                 fallback_hop = True
             else:
                 self._remember(instruction, machine)
+            self.hops.append(machine.id)
 
     # --- first hop -------------------------------------------------------------------------
 

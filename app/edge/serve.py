@@ -8,6 +8,7 @@ no signal handling, since the CLI owns SIGINT/SIGTERM to stop its fleet too.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Generator
 
 import uvicorn
@@ -16,11 +17,20 @@ from app.edge.proxy import EdgeProxy
 
 
 class EdgeServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to its caller."""
+    """A uvicorn server that leaves signals to its caller and ends the live page's feeds on shutdown."""
+
+    edge: EdgeProxy | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # An open page's feed never ends by itself: without this, uvicorn would wait out its
+        # graceful timeout for it.
+        if self.edge is not None:
+            self.edge.closing = True
+        await super().shutdown(sockets)
 
 
 def edge_server(edge: EdgeProxy, *, log_level: str = "warning") -> EdgeServer:
@@ -37,4 +47,6 @@ def edge_server(edge: EdgeProxy, *, log_level: str = "warning") -> EdgeServer:
         date_header=False,
         timeout_graceful_shutdown=2,
     )
-    return EdgeServer(config)
+    server = EdgeServer(config)
+    server.edge = edge
+    return server

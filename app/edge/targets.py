@@ -1,8 +1,22 @@
 """Reaching machines for one request: a named machine, a preferred one, or any by the balancing policy.
 
 Fly retries a request whose connection could not be opened (the request never reached the app) on
-another machine, or on the same forced machine until the replay ``timeout``; a stopped machine that
-a replay or a force header names is started first (autostart). ``shared/reference/fly-proxy.md``.
+another machine, or on the same forced machine until the replay ``timeout``; a stopped or suspended
+machine that a replay or a force header names is started or resumed first, and the request waits
+for it (autostart). ``shared/reference/fly-proxy.md``.
+
+Load, as Fly's load balancing page describes it, counted in requests in flight per machine (the
+edge only sees requests, so ``type = "connections"`` is counted the same way):
+
+- below ``soft_limit``: a candidate;
+- at or above ``soft_limit``: used only when every running machine is there too, and then only
+  after waking a stopped or suspended machine (``auto_start_machines``) if there is one;
+- at ``hard_limit``: no new request goes to it. A request named to it (a replay, a force header)
+  waits for room until its replay ``timeout``, then fails as an unreachable target would (so a
+  ``fallback`` applies). When every machine is at its hard limit, a balanced request waits (queues)
+  up to ``queue_timeout`` and then gets ``503`` with code ``no_capacity``: unspecified by Fly, whose
+  proxy retries load balancing for a while and then errors; a bounded wait and a 5xx is the reading
+  that neither drops requests at once nor holds them forever.
 """
 
 from __future__ import annotations
@@ -26,6 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("app.edge")
 
 _RETRY_PAUSE = 0.1
+# How often a queued request looks for room again.
+_QUEUE_PAUSE = 0.02
 # Fly's connect attempts are short; a refused or silent port should move on quickly.
 _CONNECT_TIMEOUT = 2.0
 
@@ -78,6 +94,8 @@ class Dispatcher:
         except ConnectFailed:
             self.edge.status.retries += 1
             self.edge.fleet.refresh()
+            if machine.state == "started":
+                machine.unreachable = True
             raise
         except TimeoutError:
             raise EdgeError(504, "upstream_timeout", f"machine {machine.id} sent no response in time") from None
@@ -93,24 +111,36 @@ class Dispatcher:
         if machine is None:
             detail = f"no machine {machine_id} in app {self.edge.config.app_name}"
             raise RoutingFailure("no_candidate", machine_id, detail, elapsed_ms=0)
+        config = self.edge.config
+        queued = False
         while True:
-            if machine.state != "started":
+            elapsed = time.monotonic() - started
+            if machine.state != "started" and config.auto_start:
                 await self.autostart(machine)
-            try:
-                return await self.send(machine, headers, path_qs), machine
-            except ConnectFailed:
+            if machine.state != "started":
+                why = f"machine {machine_id} is {machine.state} and auto_start_machines is off"
+            elif config.hard_limit is not None and machine.in_flight >= config.hard_limit:
+                why = f"machine {machine_id} stayed at its hard limit ({config.hard_limit}) for {patience:g}s"
+                if not queued:
+                    queued = True
+                    self.edge.status.queued += 1
+            else:
+                try:
+                    return await self.send(machine, headers, path_qs), machine
+                except ConnectFailed:
+                    why = f"machine {machine_id} refused connections for {patience:g}s"
                 elapsed = time.monotonic() - started
-                if elapsed >= patience:
-                    detail = f"machine {machine_id} refused connections for {patience:g}s"
-                    raise RoutingFailure("timeout", machine_id, detail, elapsed_ms=round(elapsed * 1000)) from None
-                await asyncio.sleep(_RETRY_PAUSE)
+            if elapsed >= patience:
+                raise RoutingFailure("timeout", machine_id, why, elapsed_ms=round(elapsed * 1000))
+            await asyncio.sleep(_QUEUE_PAUSE if queued else _RETRY_PAUSE)
 
     async def autostart(self, machine: Machine) -> None:
-        """Start a stopped machine, or wait for the start already under way."""
-        if machine.state == "stopped":
+        """Start a stopped machine, resume a suspended one, or wait for the start already under way."""
+        if machine.state in ("stopped", "suspended"):
             self.edge.status.autostarts += 1
-            self.edge.status.record("autostart", machine.id)
-            logger.info("autostarting machine %s", machine.id)
+            verb = "resuming" if machine.state == "suspended" else "starting"
+            self.edge.status.record("autostart", f"{verb} {machine.id}")
+            logger.info("autostart: %s machine %s", verb, machine.id)
         try:
             await self.edge.fleet.start(machine.id)
         except MachineStartError as exc:
@@ -135,28 +165,54 @@ class Dispatcher:
     async def balanced(
         self, headers: Headers, *, exclude: set[str], path_qs: str | None = None
     ) -> tuple[aiohttp.ClientResponse, Machine]:
-        """Any started machine but ``exclude``, by the balancing policy; autostart one if none runs."""
+        """Any started machine but ``exclude``, by load then the balancing policy (see the module docstring).
+
+        Wakes a stopped or suspended machine when none runs below its soft limit; queues up to
+        ``queue_timeout`` when every machine is at its hard limit.
+        """
+        config, fleet = self.edge.config, self.edge.fleet
+        soft, hard = config.soft_limit, config.hard_limit
         tried = set(exclude)
+        deadline: float | None = None
         while True:
-            candidates = [m for m in self.edge.fleet.started() if m.id not in tried]
-            if candidates:
-                machine = self.pick(candidates)
-            else:
-                # Nothing runs: wake a machine, as Fly does with auto_start_machines.
-                waking = ("starting", "stopped")
-                stopped = [m for m in self.edge.fleet.machines.values() if m.id not in tried and m.state in waking]
-                if not stopped:
-                    raise RoutingFailure("no_candidate", "*", "no machine could take the request")
-                machine = stopped[0]
+            running = [m for m in fleet.started() if m.id not in tried]
+            room = [m for m in running if hard is None or m.in_flight < hard]
+            relaxed = [m for m in room if m.in_flight < soft]
+            asleep = [] if relaxed or not config.auto_start else self._asleep(tried)
+            if relaxed:
+                machine = self.pick(relaxed)
+            elif asleep:
+                # Every running machine is at its soft limit (or none runs): wake one, as Fly does.
+                machine = asleep[0]
                 try:
                     await self.autostart(machine)
                 except RoutingFailure:
                     tried.add(machine.id)
                     continue
+            elif room:
+                machine = self.pick(room)  # above the soft limit, below the hard one: allowed
+            elif running:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + config.queue_timeout
+                    self.edge.status.queued += 1
+                if now >= deadline:
+                    detail = f"every machine stayed at its hard limit ({hard}) for {config.queue_timeout:g}s"
+                    raise EdgeError(503, "no_capacity", detail)
+                await asyncio.sleep(_QUEUE_PAUSE)
+                continue
+            else:
+                raise RoutingFailure("no_candidate", "*", "no machine could take the request")
             try:
                 return await self.send(machine, headers, path_qs), machine
             except ConnectFailed:
                 tried.add(machine.id)
+
+    def _asleep(self, tried: set[str]) -> list[Machine]:
+        """Machines that autostart can wake, suspended first (resuming is faster than booting)."""
+        order = {"suspended": 0, "starting": 1, "stopped": 2}
+        asleep = [m for m in self.edge.fleet.machines.values() if m.id not in tried and m.state in order]
+        return sorted(asleep, key=lambda m: order[m.state])
 
     def pick(self, candidates: list[Machine]) -> Machine:
         """The balancing policy: random (default), round-robin or least-requests."""

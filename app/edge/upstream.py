@@ -8,7 +8,7 @@ about a fifth of httpx's CPU per proxied request.
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -100,6 +100,8 @@ async def send_upstream(
     ``asyncio.TimeoutError`` when the machine did not answer in time, ``aiohttp.ClientError`` else.
     """
     data = body.payload()
+    # In flight from the moment it is sent: a slow answer counts against the concurrency limits.
+    machine.in_flight += 1
     try:
         response = await session.request(
             method,
@@ -111,19 +113,23 @@ async def send_upstream(
             skip_auto_headers=SKIP_AUTO_HEADERS,
         )
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        machine.in_flight -= 1
         if not isinstance(data, bytes):
             await data.aclose()  # type: ignore[attr-defined]
         raise ConnectFailed(str(exc)) from exc
-    except asyncio.CancelledError:
+    except BaseException:
+        machine.in_flight -= 1
         raise
     machine.requests += 1
-    machine.in_flight += 1
+    machine.unreachable = False
+    machine.last_active = time.monotonic()
     return response
 
 
 def finish_upstream(machine: Machine, response: aiohttp.ClientResponse, *, reuse: bool) -> None:
     """Release a response: back to the pool when fully read (``reuse``), else drop the connection."""
     machine.in_flight = max(0, machine.in_flight - 1)
+    machine.last_active = time.monotonic()
     if reuse:
         response.release()
     else:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,20 @@ from tests.edge.edge_probe import ProbeMachine
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's Chromium, installed with apt on first use when missing (root only); a failure, never a skip."""
+    from tests.edge.browser import ensure_chromium
+
+    try:
+        path, install_seconds = ensure_chromium()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if install_seconds:
+        print(f"\ninstalled Chromium in {install_seconds:.1f}s", file=sys.stderr)
+    return path
 
 
 class ThreadServer:

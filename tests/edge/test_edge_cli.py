@@ -19,7 +19,7 @@ from tests.edge.edge_cli import ROOT, TESTS_DIR, FleetProcess, alive, probe_flee
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
     log = tmp_path_factory.mktemp("fleet") / "edge.log"
     args = [*probe_fleet_args(2), "--fly-toml", str(TESTS_DIR / "fly.probe.toml")]
-    process = FleetProcess(args, log, env={"AFFINITY_SECRET": ""})
+    process = FleetProcess(args, log, env={"AFFINITY_SECRET": "", "AFFINITY_SET_BY_BOTH": "shell"})
     try:
         process.wait_ready()
         yield process
@@ -32,7 +32,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
 def test_help_explains_every_option() -> None:
     result = subprocess.run([sys.executable, "-m", "app.edge", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
-    for option in ("--machines", "--app", "--backend", "--port", "--host", "--balance", "--fly-toml", "--app-name"):
+    options = ("--machines", "--app", "--backend", "--port", "--host", "--balance", "--fly-toml", "--app-name")
+    for option in (*options, "--autostop-interval"):
         assert option in result.stdout
 
 
@@ -63,6 +64,7 @@ def test_machines_get_the_fly_environment(fleet: FleetProcess) -> None:
         assert env["FLY_APP_NAME"] == status["app"] == "probe-app"  # from fly.toml
         assert env["FLY_REGION"] == status["region"] == "lcl"
         assert env["AFFINITY_FROM_FLY_TOML"] == "yes"  # fly.toml's [env]
+        assert env["AFFINITY_SET_BY_BOTH"] == "shell"  # the shell wins, as fly secrets do over [env]
         peers = dict(peer.split("=", 1) for peer in env["AFFINITY_PEERS"].split(","))
         assert peers == {m["id"]: m["url"] for m in machines}
 

@@ -89,3 +89,35 @@ def test_env_table_is_read(tmp_path: Path) -> None:
     path = tmp_path / "fly.toml"
     path.write_text('[env]\n  AFFINITY_FAILOVER = "safe"\n  WORKERS = 2\n')
     assert FlyToml.load(path).env == (("AFFINITY_FAILOVER", "safe"), ("WORKERS", "2"))
+
+
+def test_reads_the_projects_autostop_and_concurrency_settings() -> None:
+    fly_toml = FlyToml.load(Path(__file__).resolve().parents[2] / "fly.toml", required=True)
+    assert (fly_toml.auto_stop, fly_toml.auto_start, fly_toml.min_machines_running) == ("suspend", True, 1)
+    assert (fly_toml.soft_limit, fly_toml.hard_limit) == (200, 250)
+
+
+def test_autostop_and_concurrency_default_to_flys(tmp_path: Path) -> None:
+    path = tmp_path / "fly.toml"
+    path.write_text("[http_service]\n  internal_port = 8080\n  auto_stop_machines = true\n")
+    fly_toml = FlyToml.load(path)
+    assert fly_toml.auto_stop == "stop"  # older files say true
+    assert (fly_toml.min_machines_running, fly_toml.soft_limit, fly_toml.hard_limit) == (0, 20, None)
+    assert FlyToml.load(tmp_path / "missing.toml").auto_stop == "off"
+
+
+@pytest.mark.parametrize(
+    ("service", "message"),
+    [
+        ('auto_stop_machines = "sleep"', "auto_stop_machines"),
+        ("min_machines_running = -1", "min_machines_running"),
+        ("[http_service.concurrency]\nsoft_limit = 50\nhard_limit = 10", "hard_limit"),
+        ('[http_service.concurrency]\nsoft_limit = "many"', "soft_limit"),
+    ],
+)
+def test_bad_autostop_or_concurrency_settings_are_explained(tmp_path: Path, service: str, message: str) -> None:
+    path = tmp_path / "fly.toml"
+    path.write_text(f"[http_service]\n{service}\n")
+    with pytest.raises(ValueError, match=message) as error:
+        FlyToml.load(path)
+    assert str(path) in str(error.value)

@@ -1,0 +1,167 @@
+"""The live edge page in a real browser (headless Chromium from Debian, driven by Playwright).
+
+A user opens ``/_edge/`` on a running fleet, runs an MCP session, and sees its machine's session
+count and the replays appear; presses "suspend" and sees the state change; the session then
+continues. ``EDGE_PAGE_SCREENSHOT=path`` keeps a screenshot of the page (the README's picture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from playwright.async_api import expect
+
+from tests.edge.browser import browser_page
+from tests.edge.edge_cli import FleetProcess, probe_fleet_args, wait_gone
+
+pytestmark = pytest.mark.anyio
+
+_MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetProcess]:
+    process = FleetProcess(["--machines", "3"], tmp_path / "edge.log")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        pids = [m["pid"] for m in process.status()["machines"] if m["pid"]] if process.url else []
+        assert process.stop() == 0
+        assert not wait_gone(pids + process.machine_pids)
+
+
+def _text(result: Any) -> str:
+    return str(result.content[0].text)
+
+
+async def _count_through(edge_url: str, token: str, machine_id: str) -> str:
+    """One ``count`` call of the session ``token`` sent to ``machine_id`` first: a wrong landing, replayed."""
+    call = {"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "count", "arguments": {}}}
+    headers = {**_MCP_HEADERS, "mcp-session-id": token, "fly-force-instance-id": machine_id}
+    async with httpx.AsyncClient(base_url=edge_url, timeout=30) as raw:
+        response = await raw.post("/mcp", headers=headers, content=json.dumps(call))
+    assert response.status_code == 200, response.text
+    return response.text.split('"text":"', 1)[1].split('"', 1)[0]
+
+
+async def test_watch_a_session_stick_then_suspend_its_machine(
+    fleet: FleetProcess, chromium: Path, tmp_path: Path
+) -> None:
+    machines = [m["id"] for m in fleet.status()["machines"]]
+    tokens: list[str] = []
+
+    async def note_token(response: httpx2.Response) -> None:
+        if token := response.headers.get("mcp-session-id"):
+            tokens.append(token)
+
+    async with browser_page(chromium, tmp_path / "profile") as page:
+        await page.goto(f"{fleet.url}/_edge/")
+        await expect(page.locator("#connection")).to_have_text("live")
+        await expect(page.locator("#machines tbody tr")).to_have_count(3)
+        for machine_id in machines:
+            await expect(page.locator(f'tr[data-machine="{machine_id}"] .state')).to_have_text("started")
+
+        http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=300), event_hooks={"response": [note_token]})
+        async with http, Client(streamable_http_client(f"{fleet.url}/mcp", http_client=http), mode="legacy") as client:
+            owner = _text(await client.call_tool("whoami", {}))
+            assert [_text(await client.call_tool("count", {})) for _ in range(3)] == ["1", "2", "3"]
+            row = page.locator(f'tr[data-machine="{owner}"]')
+            await expect(row.locator(".sessions")).to_have_text("1")
+
+            # One call lands on another machine: the page shows it replayed to the owner.
+            other = next(m for m in machines if m != owner)
+            assert await _count_through(fleet.url, tokens[-1], other) == "4"
+            replayed = page.locator(f'#routes tbody tr[data-replayed="yes"]:has-text("{other}")').first
+            await expect(replayed).to_contain_text(owner)
+            await expect(page.locator("#total-replays")).not_to_have_text("0")
+
+            await row.locator('button[data-verb="suspend"]').click()
+            await expect(row.locator(".state")).to_have_text("suspended")
+            await expect(row.locator(".sessions")).to_have_text("1")  # suspend keeps memory
+            await expect(row.locator('button[data-verb="start"]')).to_be_enabled()
+            await page.wait_for_timeout(1300)  # the new rows' highlight fades first
+            screenshot = Path(os.environ.get("EDGE_PAGE_SCREENSHOT", tmp_path / "edge-page.png"))
+            await page.screenshot(path=str(screenshot), full_page=True)
+
+            # The next call of the session resumes the owner (autostart) and the count goes on.
+            with anyio.fail_after(20):
+                assert _text(await client.call_tool("count", {})) == "5"
+            await expect(row.locator(".state")).to_have_text("started")
+            await expect(page.locator("#total-autostarts")).not_to_have_text("0")
+        await expect(row.locator(".sessions")).to_have_text("0")  # the client ended its session
+
+
+async def test_the_page_stays_bounded_and_responsive_at_a_thousand_events_per_second(
+    make_probes, make_edge, chromium: Path, tmp_path: Path
+) -> None:
+    probes = make_probes(2)
+    edge = make_edge(probes)
+    stop = threading.Event()
+
+    def flood() -> None:
+        # 1,000 routing events a second, straight into the edge's trail (faster than a test client could send).
+        a, b = probes[0].id, probes[1].id
+        while not stop.is_set():
+            started = time.monotonic()
+            for n in range(100):
+                edge.proxy.status.route("POST", "/mcp", (a, b) if n % 2 else (a,), 200, False)
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+
+    async with browser_page(chromium, tmp_path / "profile") as page:
+        await page.goto(f"{edge.url}/_edge/")
+        await expect(page.locator("#connection")).to_have_text("live")
+        flooding = threading.Thread(target=flood, daemon=True)
+        flooding.start()
+        try:
+            await anyio.sleep(3)
+            started = time.monotonic()
+            rows = await page.locator("#routes tbody tr").count()
+            responsive = time.monotonic() - started
+            await expect(page.locator("#routes-note")).to_contain_text("more in the last update")
+        finally:
+            stop.set()
+            flooding.join()
+    assert 0 < rows <= 60  # sampled: the page never holds more than its 60 newest rows
+    assert responsive < 1.0
+    # The feed itself: a few messages a second, each with at most 40 routing events.
+    messages: list[dict[str, Any]] = []
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=10) as client,
+        client.stream("GET", "/_edge/events") as feed,
+    ):
+        started = time.monotonic()
+        async for line in feed.aiter_lines():
+            if line.startswith("data: "):
+                messages.append(json.loads(line[6:]))
+            if time.monotonic() - started > 1.0:
+                break
+    assert 2 <= len(messages) <= 6
+    assert all(len(message["routes"]) <= 40 for message in messages)
+
+
+def test_stopping_the_edge_ends_an_open_page_feed(tmp_path: Path) -> None:
+    process = FleetProcess(probe_fleet_args(1), tmp_path / "edge.log")
+    process.wait_ready()
+    with httpx.Client(base_url=process.url, timeout=10) as client, client.stream("GET", "/_edge/events") as feed:
+        lines = feed.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["machines"][0]["state"] == "started"
+        started = time.monotonic()
+        assert process.stop() == 0
+        stopping = time.monotonic() - started
+        assert list(lines) is not None  # the feed ended with the edge
+    assert not wait_gone(process.machine_pids)
+    assert stopping < 1.5, f"the edge took {stopping:.1f}s to stop with a page open"
