@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from app.affinity.token import MAX_TOKEN_LENGTH, InvalidToken, TokenCodec
+from app.affinity.token import MAX_TOKEN_LENGTH, VERIFIED_TOKENS_KEPT, InvalidToken, TokenCodec
 
 KEY_1 = "first-key-0123456789abcdef"
 KEY_2 = "second-key-0123456789abcdef"
@@ -125,3 +125,36 @@ def test_over_long_token_is_rejected_before_any_signature_work() -> None:
 def test_codec_needs_a_key() -> None:
     with pytest.raises(ValueError, match="at least one secret key"):
         TokenCodec((), app_name="x")
+
+
+def test_a_remembered_token_is_still_checked_for_age() -> None:
+    remembering = codec()
+    token = remembering.issue(OWNER, INNER, now=NOW)
+    assert remembering.verify(token, now=NOW, max_age=3600).inner_session_id == INNER
+    with pytest.raises(InvalidToken, match="token_expired"):
+        remembering.verify(token, now=NOW + 3602, max_age=3600)
+    with pytest.raises(InvalidToken, match="token_from_future"):
+        remembering.verify(token, now=NOW - 3600)
+
+
+def test_remembering_a_token_does_not_let_its_near_copies_through() -> None:
+    remembering = codec()
+    token = remembering.issue(OWNER, INNER, now=NOW)
+    remembering.verify(token, now=NOW)
+    for position in range(len(token)):
+        replacement = "A" if token[position] != "A" else "B"
+        with pytest.raises(InvalidToken):
+            remembering.verify(token[:position] + replacement + token[position + 1 :], now=NOW)
+
+
+def test_memory_for_verified_tokens_is_bounded_and_failures_are_never_kept() -> None:
+    remembering = codec()
+    for _ in range(100):
+        with pytest.raises(InvalidToken):
+            remembering.verify("148e272a6d4689.garbage.AA." + "A" * 43, now=NOW)
+    assert len(remembering._verified) == 0
+    tokens = [remembering.issue(OWNER, f"session-{n}", now=NOW) for n in range(VERIFIED_TOKENS_KEPT + 50)]
+    for token in tokens:
+        remembering.verify(token, now=NOW)
+    assert len(remembering._verified) == VERIFIED_TOKENS_KEPT
+    assert remembering.verify(tokens[0], now=NOW).inner_session_id == "session-0"  # checked again, not lost

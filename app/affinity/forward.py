@@ -31,17 +31,13 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 
 
-def body_is_replayable(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Fly can replay this request's body: no body, or a declared length within its buffer."""
-    length: bytes | None = None
-    for name, value in headers:
-        if name == b"content-length":
-            length = value
-        elif name == b"transfer-encoding":
-            return False
-    if length is None:
+def body_replayable(content_length: bytes | None, chunked: bool) -> bool:
+    """Fly can replay a request with these headers: no body, or a declared length within its buffer."""
+    if chunked:
+        return False
+    if content_length is None:
         return True
-    return length.isdigit() and int(length) <= REPLAY_BODY_LIMIT
+    return content_length.isdigit() and int(content_length) <= REPLAY_BODY_LIMIT
 
 
 class OwnerForwarder:

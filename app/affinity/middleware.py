@@ -26,8 +26,8 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.affinity.decision import Arrival, Forward, Reject, Replay, decide
-from app.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_is_replayable
-from app.affinity.metrics import DECISIONS
+from app.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
+from app.affinity.metrics import DecisionCounts
 from app.affinity.sse import EndpointEventRewriter, is_event_stream
 from app.affinity.token import TokenCodec
 from app.fly import (
@@ -77,27 +77,35 @@ class AffinityMiddleware:
         self.settings = settings
         self._codec = TokenCodec(settings.secret_keys, app_name=settings.app_name)
         self._forwarder = OwnerForwarder()
-        machine = settings.machine_id
-        self._served = DECISIONS.labels(machine, "served", "")
-        self._passed = DECISIONS.labels(machine, "passed", "")
+        self._counts = DecisionCounts(settings.machine_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
         token: bytes | None = None
         version: bytes | None = None
-        routing_headers = False
-        for name, value in scope["headers"]:
+        length: bytes | None = None
+        token_index = 0
+        chunked = routing = False
+        # One pass. The first Mcp-Session-Id and MCP-Protocol-Version count, as for the SDK.
+        for index, (name, value) in enumerate(headers):
             if name == MCP_SESSION_ID:
-                token = value
+                if token is None:
+                    token, token_index = value, index
             elif name == MCP_PROTOCOL_VERSION:
-                version = value
+                if version is None:
+                    version = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
             elif name in _ROUTING_HEADERS:
-                routing_headers = True
+                routing = True
         if version is not None and version not in _HANDSHAKE_VERSIONS:
             # 2026-07-28 and later: sessionless, any machine serves it.
-            self._passed.inc()
+            self._counts.passed += 1
             await self.app(scope, receive, send)
             return
 
@@ -107,18 +115,19 @@ class AffinityMiddleware:
         else:
             legacy_match = _LEGACY_SESSION_PARAM.search(scope["query_string"])
             if legacy_match is None:
-                self._passed.inc()
-                await self.app(scope, receive, self._wrapping_send(scope, send, incoming=None))
+                self._counts.passed += 1
+                await self.app(scope, receive, self._minting_send(scope, send))
                 return
             token_text = unquote(legacy_match.group(1).decode("latin-1"))
 
+        replayable = body_replayable(length, chunked)
         decision = decide(
             token_text,
             machine_id=self.settings.machine_id,
             codec=self._codec,
             now=time.time(),
             max_age=self.settings.max_token_age,
-            arrival=_arrival(scope["headers"]) if routing_headers else _plain_arrival(scope["headers"]),
+            arrival=_arrival(headers, replayable) if routing else (_SMALL_BODY if replayable else _LARGE_BODY),
         )
         if isinstance(decision, Reject):
             self._record(scope, "rejected", decision.reason, decision.owner_machine_id)
@@ -132,39 +141,43 @@ class AffinityMiddleware:
             await self._forward(scope, receive, send, decision.owner_machine_id)
             return
 
-        self._served.inc()
+        self._counts.served += 1
         inner = decision.inner_session_id.encode("ascii")
         scope = dict(scope)
         if legacy_match is None:
-            scope["headers"] = [(name, inner if name == MCP_SESSION_ID else value) for name, value in scope["headers"]]
+            scope["headers"] = rewritten = list(headers)
+            rewritten[token_index] = (MCP_SESSION_ID, inner)
         else:
             query: bytes = scope["query_string"]
             start, end = legacy_match.span(1)
             scope["query_string"] = query[:start] + inner + query[end:]
         # A token that verified is ASCII, whichever carrier it came in.
-        incoming = (inner, token_text.encode("ascii"))
-        await self.app(scope, receive, self._wrapping_send(scope, send, incoming=incoming))
+        await self.app(scope, receive, self._echoing_send(send, inner, token_text.encode("ascii")))
 
     def issue_token(self, inner_session_id: str) -> str:
         """A token for a session id the inner app minted on this machine."""
         return self._codec.issue(self.settings.machine_id, inner_session_id, now=time.time())
 
-    def _wrapping_send(self, scope: Scope, send: Send, *, incoming: tuple[bytes, bytes] | None) -> Send:
-        """``send`` with the inner app's session ids turned into tokens on their way out.
+    def _minting_send(self, scope: Scope, send: Send) -> Send:
+        """``send`` for a request without a session: session ids the inner app mints leave as tokens.
 
-        ``incoming`` is the (inner id, token) pair the request carried: a response that repeats the
-        inner id gets the client's own token back unchanged, so a session keeps one token (which is
-        also what Fly's replay cache keys on).
+        A legacy ``GET /sse`` stream also has its ``endpoint`` event rewritten as it passes.
         """
         rewriter: EndpointEventRewriter | None = None
-        scan_for_endpoint = incoming is None and scope["method"] == "GET"
+        scan_for_endpoint = scope["method"] == "GET"
 
-        async def send_wrapped(message: Message) -> None:
+        async def send_minting(message: Message) -> None:
             nonlocal rewriter
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
                 if any(name == MCP_SESSION_ID for name, _ in headers):
-                    message = {**message, "headers": [self._outgoing(header, incoming) for header in headers]}
+                    wrapped = [
+                        (name, self.issue_token(value.decode("latin-1")).encode("ascii"))
+                        if name == MCP_SESSION_ID
+                        else (name, value)
+                        for name, value in headers
+                    ]
+                    message = {**message, "headers": wrapped}
                 if scan_for_endpoint and is_event_stream(headers):
                     rewriter = EndpointEventRewriter(self.issue_token)
             elif message["type"] == "http.response.body" and rewriter is not None and not rewriter.done:
@@ -174,15 +187,28 @@ class AffinityMiddleware:
                 message = {**message, "body": body}
             await send(message)
 
-        return send_wrapped
+        return send_minting
 
-    def _outgoing(self, header: tuple[bytes, bytes], incoming: tuple[bytes, bytes] | None) -> tuple[bytes, bytes]:
-        name, value = header
-        if name != MCP_SESSION_ID:
-            return header
-        if incoming is not None and value == incoming[0]:
-            return (name, incoming[1])
-        return (name, self.issue_token(value.decode("latin-1")).encode("ascii"))
+    def _echoing_send(self, send: Send, inner: bytes, token: bytes) -> Send:
+        """``send`` for a session served here: the inner id goes back out as the client's own token.
+
+        So a session keeps one token (which is also what Fly's replay cache keys on). A different
+        id (the inner app minted a new session) gets a new token.
+        """
+
+        async def send_echoing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", ())
+                for index, (name, value) in enumerate(headers):
+                    if name == MCP_SESSION_ID:
+                        wrapped = token if value == inner else self.issue_token(value.decode("latin-1")).encode("ascii")
+                        rewritten = list(headers)
+                        rewritten[index] = (name, wrapped)
+                        message = {**message, "headers": rewritten}
+                        break
+            await send(message)
+
+        return send_echoing
 
     async def _send_replay(self, send: Send, owner: str) -> None:
         instruction = self.settings.replay_instruction(owner).to_header().encode("ascii")
@@ -209,7 +235,7 @@ class AffinityMiddleware:
 
     def _record(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
         """Count a decision that is not "served here" and log it as one structured line."""
-        DECISIONS.labels(self.settings.machine_id, outcome, reason).inc()
+        self._counts.add(outcome, reason)
         request_id = next((value for name, value in scope["headers"] if name == _FLY_REQUEST_ID), b"-")
         fields = {
             "outcome": outcome,
@@ -223,7 +249,7 @@ class AffinityMiddleware:
         logger.info("affinity %s", " ".join(f"{key}={value}" for key, value in fields.items()), extra=fields)
 
 
-def _arrival(headers: list[tuple[bytes, bytes]]) -> Arrival:
+def _arrival(headers: list[tuple[bytes, bytes]], body_replayable: bool) -> Arrival:
     replayed_from: str | None = None
     forwarded_from: str | None = None
     replay_failed = preferred_unavailable = False
@@ -241,16 +267,12 @@ def _arrival(headers: list[tuple[bytes, bytes]]) -> Arrival:
         replay_failed=replay_failed,
         preferred_unavailable=preferred_unavailable,
         forwarded_from=forwarded_from,
-        body_replayable=body_is_replayable(headers),
+        body_replayable=body_replayable,
     )
 
 
 _SMALL_BODY = Arrival()
 _LARGE_BODY = Arrival(body_replayable=False)
-
-
-def _plain_arrival(headers: list[tuple[bytes, bytes]]) -> Arrival:
-    return _SMALL_BODY if body_is_replayable(headers) else _LARGE_BODY
 
 
 async def _send_not_found(send: Send) -> None:

@@ -28,6 +28,8 @@ from itsdangerous.signer import HMACAlgorithm
 
 MAX_TOKEN_LENGTH = 256
 MAX_INNER_SESSION_ID_LENGTH = 128
+# Verified tokens remembered per codec (about 300 bytes each): a few MB at most.
+VERIFIED_TOKENS_KEPT = 10_000
 # Tokens minted on a machine whose clock runs ahead are still young, not "from the future".
 CLOCK_SKEW_SECONDS = 60
 
@@ -115,6 +117,10 @@ class TokenCodec:
             digest_method=hashlib.sha256,
             algorithm=_PreparedHMAC(hashlib.sha256),
         )
+        # Tokens whose signature verified, so a session's later requests skip the HMAC: the key
+        # ring is fixed for this codec's life, so a signature that verified once always will.
+        # Age is still checked on every call; tokens that fail are never kept.
+        self._verified: dict[str, SessionToken] = {}
 
     def issue(self, owner_machine_id: str, inner_session_id: str, *, now: float) -> str:
         """A token proving that ``owner_machine_id`` holds ``inner_session_id``."""
@@ -129,6 +135,20 @@ class TokenCodec:
 
     def verify(self, token: str, *, now: float, max_age: float | None = None) -> SessionToken:
         """The owner and inner id a token proves. Raises ``InvalidToken`` for anything else."""
+        session = self._verified.get(token)
+        if session is None:
+            session = self._check_signature(token)
+            if len(self._verified) >= VERIFIED_TOKENS_KEPT:
+                del self._verified[next(iter(self._verified))]  # the oldest entry
+            self._verified[token] = session
+        age = now - session.issued_at
+        if age < -CLOCK_SKEW_SECONDS:
+            raise InvalidToken("token_from_future")
+        if max_age is not None and age > max_age:
+            raise InvalidToken("token_expired")
+        return session
+
+    def _check_signature(self, token: str) -> SessionToken:
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("token_too_long")
         match = _TOKEN.fullmatch(token)
@@ -136,14 +156,8 @@ class TokenCodec:
             raise InvalidToken("malformed_token")
         if not self._signer.verify_signature(match["payload"], match["signature"]):
             raise InvalidToken("bad_signature")
-        issued_at = int.from_bytes(_b64decode(match["issued"]), "big")
-        age = now - issued_at
-        if age < -CLOCK_SKEW_SECONDS:
-            raise InvalidToken("token_from_future")
-        if max_age is not None and age > max_age:
-            raise InvalidToken("token_expired")
         return SessionToken(
             owner_machine_id=match["owner"],
             inner_session_id=_b64decode(match["inner"]).decode("ascii"),
-            issued_at=issued_at,
+            issued_at=int.from_bytes(_b64decode(match["issued"]), "big"),
         )

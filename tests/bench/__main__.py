@@ -1,0 +1,285 @@
+"""Benchmarks of the affinity layer and the local Fly edge, as ratios measured side by side.
+
+Command (from the repository root)::
+
+    .venv/bin/python -m tests.bench [--quick] [--out bench-results.json] [--only KEY ...]
+
+``--quick`` takes about two minutes, the full run about ten (2 shared cores). ``--only`` runs the
+benchmarks behind the named keys (e.g. ``--only decision_us layer_overhead_pct``). It prints a table
+(key, measured value, target, met) and writes a JSON file::
+
+    {
+      "machine": {"cpu_count": ..., "cpu_model": ..., "python": ..., "platform": ..., "load_average": ...},
+      "command": "...", "quick": true, "started_at": "...", "seconds": ...,
+      "results": {
+        "layer_overhead_pct": ...,              # = layer_overhead_pct_uvicorn
+        "layer_overhead_pct_inprocess": ...,    # the demo app called as ASGI, no server
+        "layer_overhead_pct_uvicorn": ...,      # two uvicorn processes, aiohttp client
+        "decision_us": ..., "decision_first_sight_us": ...,
+        "sessionless_overhead_pct": ...,        # = sessionless_overhead_pct_uvicorn
+        "sessionless_overhead_pct_inprocess": ..., "sessionless_overhead_pct_uvicorn": ...,
+        "replays_per_session_cached": ..., "replays_per_session_uncached": ...,
+        "edge_vs_direct_throughput": ..., "sse_first_event_delay_ms": ..., "edge_rss_mb_1000_streams": ...
+      },
+      "targets": {key: "<= 2 %", ...}, "met": {key: true, ...},
+      "details": {...},      # per benchmark: medians, every round's ratio, extra figures
+      "profiles": {...}      # cProfile rows: decide, the middleware, the in-process server, the edge
+    }
+
+How each figure is made (every ratio or difference from runs interleaved in the same process tree,
+ABBA order, median of the per-round or per-pair ratios; see ``layer.py`` and ``edge.py``):
+
+- ``layer_overhead_pct_uvicorn`` / ``sessionless_overhead_pct_uvicorn`` (and the unsuffixed keys,
+  equal to them): ``(1 - with layer / without layer) * 100`` of ``tools/call`` throughput of the
+  demo server (``app.main``) and the same server without the layer (``tests.bench.bare_app``), two
+  uvicorn processes, 8 concurrent aiohttp clients, alternating rounds. Handshake era (``2025-11-25``,
+  one session per client) and ``2026-07-28`` (sessionless). ``details.uvicorn`` adds the same from
+  server CPU per call (``overhead_pct_by_cpu``) and from call-by-call latency pairs.
+- ``*_overhead_pct_inprocess``: the same two apps called as ASGI in this process (no server, no
+  socket), call by call, alternating; ``1 - median(bare/layered)`` over the pairs. This is the
+  steadiest figure on a shared machine; ``details.inprocess`` has the concurrent-rounds version too.
+- ``decision_us``: ``decide()`` for a token this machine owns, best of 7 ``timeit`` repeats (a
+  session's usual request: the codec remembers tokens it verified); ``decision_first_sight_us``: the
+  same for tokens never seen before (the HMAC is checked). The details put ``verify``, ``issue``,
+  itsdangerous's own ``unsign`` and the whole middleware next to them.
+- ``replays_per_session_*``: the edge's replay counter per session, 100 sessions x 10 calls, 4 machines.
+- ``edge_vs_direct_throughput``: ``tools/call`` throughput through the edge / straight to the machine.
+- ``sse_first_event_delay_ms``: median time to the first SSE event of ``GET /sse`` through the edge
+  minus the same straight to the machine (a new connection for each stream, both ways).
+- ``edge_rss_mb_1000_streams``: the edge process's RSS with 1,000 SSE streams open through it.
+
+``profiles`` (printed too): cProfile of ``decide`` and of the middleware around a stub app (own
+time per call), of the in-process layered server (CPU time) and of the edge's thread
+relaying ``tools/call`` (CPU time). Profiled times are inflated by the profiler; read the shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from tests.bench import edge, layer
+from tests.bench.layer import Budget
+
+
+@dataclass(frozen=True)
+class Target:
+    """A key's target: ``value <op> limit``."""
+
+    op: str
+    limit: float | None
+    unit: str
+
+    def met(self, value: float) -> bool | None:
+        """Whether ``value`` meets the target; ``None`` for a figure reported without one."""
+        if self.limit is None:
+            return None
+        return {"<=": value <= self.limit, "<": value < self.limit, ">=": value >= self.limit}[self.op]
+
+    def __str__(self) -> str:
+        return "-" if self.limit is None else f"{self.op} {self.limit:g}{self.unit}"
+
+
+TARGETS = {
+    "layer_overhead_pct": Target("<=", 2, " %"),
+    "layer_overhead_pct_inprocess": Target("<=", 2, " %"),
+    "layer_overhead_pct_uvicorn": Target("<=", 2, " %"),
+    "decision_us": Target("<=", 10, " µs"),
+    "decision_first_sight_us": Target("<=", 10, " µs"),
+    "sessionless_overhead_pct": Target("<=", 1, " %"),
+    "sessionless_overhead_pct_inprocess": Target("<=", 1, " %"),
+    "sessionless_overhead_pct_uvicorn": Target("<=", 1, " %"),
+    "replays_per_session_cached": Target("<=", 1.0, ""),
+    "replays_per_session_uncached": Target("", None, ""),  # the comparison for the cached figure
+    "edge_vs_direct_throughput": Target(">=", 0.7, ""),
+    "sse_first_event_delay_ms": Target("<=", 2, " ms"),
+    "edge_rss_mb_1000_streams": Target("<", 150, " MB"),
+}
+# Which benchmark produces which keys (``--only`` takes any of the keys).
+GROUPS = {
+    "decision": ("decision_us", "decision_first_sight_us"),
+    "inprocess": ("layer_overhead_pct_inprocess", "sessionless_overhead_pct_inprocess"),
+    "uvicorn": (
+        "layer_overhead_pct",
+        "layer_overhead_pct_uvicorn",
+        "sessionless_overhead_pct",
+        "sessionless_overhead_pct_uvicorn",
+    ),
+    "replays": ("replays_per_session_cached", "replays_per_session_uncached"),
+    "edge_direct": ("edge_vs_direct_throughput", "sse_first_event_delay_ms"),
+    "edge_rss": ("edge_rss_mb_1000_streams",),
+}
+
+
+@dataclass
+class Report:
+    results: dict[str, float]
+    details: dict[str, Any]
+    profiles: dict[str, list[str]]
+
+    def log(self, text: str) -> None:
+        print(f"  [{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def machine_description() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = ""
+    with contextlib.suppress(OSError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=Path.cwd()
+        ).stdout.strip()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "load_average": [round(value, 2) for value in os.getloadavg()],
+        "git_commit": commit,
+    }
+
+
+async def run_benchmarks(groups: set[str], quick: bool, report: Report) -> None:
+    throughput = Budget(seconds=0.5, rounds=8) if quick else Budget(seconds=1.0, rounds=20)
+    if "decision" in groups:
+        report.log("decision: timeit and cProfile of decide() and of the middleware alone")
+        timing = layer.decision_timing()
+        report.results["decision_us"] = timing["decision_us"]
+        report.results["decision_first_sight_us"] = timing["decision_first_sight_us"]
+        report.details["decision"] = {**timing, "middleware_us_per_request": layer.middleware_timing()}
+        report.profiles.update(layer.decision_profiles(10_000 if quick else 100_000))
+    if "inprocess" in groups:
+        paired = 1000 if quick else 4000
+        report.log(
+            f"in-process: {throughput.rounds} rounds x 2 x {throughput.seconds:g} s per era, {paired} paired calls"
+        )
+        figures = await layer.inprocess_rounds(throughput, paired, profile_seconds=2.0 if quick else 4.0)
+        report.results["layer_overhead_pct_inprocess"] = figures.handshake_paired.overhead_pct()
+        report.results["sessionless_overhead_pct_inprocess"] = figures.modern_paired.overhead_pct()
+        report.details["inprocess"] = {
+            "handshake_paired": figures.handshake_paired.detail(),
+            "sessionless_paired": figures.modern_paired.detail(),
+            "handshake_rounds": figures.handshake.detail(),
+            "sessionless_rounds": figures.modern.detail(),
+        }
+        report.profiles["inprocess_server"] = figures.profile
+    if "uvicorn" in groups:
+        paired = 500 if quick else 2000
+        report.log(f"uvicorn: {throughput.rounds} rounds x 2 x {throughput.seconds:g} s, {paired} paired calls per era")
+        served = await layer.uvicorn_rounds(throughput, paired)
+        for key, rounds in (("layer_overhead_pct", served.handshake), ("sessionless_overhead_pct", served.modern)):
+            report.results[key] = report.results[f"{key}_uvicorn"] = rounds.overhead_pct()
+        report.details["uvicorn"] = {
+            "handshake_rounds": served.handshake.detail(),
+            "sessionless_rounds": served.modern.detail(),
+            "handshake_paired_latency": served.handshake_paired.detail(),
+            "sessionless_paired_latency": served.modern_paired.detail(),
+        }
+    if "replays" in groups:
+        for cached in (True, False):
+            name = "cached" if cached else "uncached"
+            report.log(f"replays: 4 machines, 100 sessions x 10 calls, replay cache {'on' if cached else 'off'}")
+            replays = await edge.replays_per_session(cached=cached)
+            report.results[f"replays_per_session_{name}"] = replays["replays_per_session"]
+            report.details[f"replays_{name}"] = replays
+    if "edge_direct" in groups:
+        samples = 30 if quick else 100
+        report.log(f"edge vs direct: {throughput.rounds} throughput rounds, {samples} SSE streams each way")
+        rounds, direct_ms, edge_ms = await edge.edge_vs_direct(throughput, samples)
+        report.results["edge_vs_direct_throughput"] = rounds.ratio()
+        report.results["sse_first_event_delay_ms"] = edge.median_difference(edge_ms, direct_ms)
+        report.details["edge_vs_direct"] = {
+            **rounds.detail(),
+            "sse_first_event_ms_direct": round(statistics.median(direct_ms), 3),
+            "sse_first_event_ms_edge": round(statistics.median(edge_ms), 3),
+            "sse_samples": len(edge_ms),
+        }
+        report.log("edge profile: the edge under cProfile, one machine, tools/call load")
+        report.profiles["edge"] = await edge.profile_edge(2.0 if quick else 6.0)
+    if "edge_rss" in groups:
+        report.log("edge memory: 1,000 SSE streams through a 4-machine edge")
+        memory = await edge.edge_rss_with_streams()
+        report.results["edge_rss_mb_1000_streams"] = memory["rss_mb"]
+        report.details["edge_rss"] = memory
+
+
+def table(results: dict[str, float]) -> str:
+    rows = [("key", "measured", "target", "met")]
+    for key in TARGETS:
+        if key in results:
+            target = TARGETS[key]
+            met = {True: "yes", False: "NO", None: "-"}[target.met(results[key])]
+            rows.append((key, f"{results[key]:.3f}{target.unit}", str(target), met))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about two minutes)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="where the JSON goes")
+    parser.add_argument("--only", nargs="+", metavar="KEY", choices=sorted(TARGETS), help="run only these keys")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    wanted = set(args.only or TARGETS)
+    groups = {group for group, keys in GROUPS.items() if wanted & set(keys)}
+    report = Report({}, {}, {})
+    machine = machine_description()
+    started = time.perf_counter()
+    print(
+        f"machine: {machine['cpu_count']} x {machine['cpu_model']}, Python {machine['python']}, {machine['platform']}"
+    )
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run_benchmarks(groups, args.quick, report))
+    document = {
+        "machine": machine,
+        "command": " ".join(["python -m tests.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
+        "quick": args.quick,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": {key: round(value, 4) for key, value in report.results.items()},
+        "targets": {key: str(TARGETS[key]) for key in report.results},
+        "met": {key: TARGETS[key].met(value) for key, value in report.results.items()},
+        "details": report.details,
+        "profiles": report.profiles,
+    }
+    args.out.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    print()
+    for name, rows in report.profiles.items():
+        print(f"profile {name} (own time per call, cumulative, share of own time):")
+        print("\n".join(f"  {row}" for row in rows))
+    print()
+    print(table(report.results))
+    print(f"\n{document['seconds']} s; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The demo MCP server of ``app.main`` without ``AffinityMiddleware``: the baseline of the overhead figures.
+
+The same ``MCPServer`` (tools, transports, host checks), the same routes, the same lifespan and the
+same ``UncompressedStreamsMiddleware``; only the affinity layer is missing. Serve it with
+``uvicorn tests.bench.bare_app:app``.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app import main
+from app.streaming import UncompressedStreamsMiddleware
+
+app = FastAPI(
+    title="demo without the affinity layer", lifespan=main.lifespan, docs_url=None, redoc_url=None, openapi_url=None
+)
+app.router.routes.extend(route for route in main.app.router.routes if getattr(route, "path", None) == "/healthz")
+app.router.routes.extend(main.streamable_app.routes)
+app.router.routes.extend(main.sse_app.routes)
+app.add_middleware(UncompressedStreamsMiddleware)
