@@ -35,6 +35,9 @@ ABBA order, median of the per-round or per-pair ratios; see ``layer.py`` and ``e
   uvicorn processes, 8 concurrent aiohttp clients, alternating rounds. Handshake era (``2025-11-25``,
   one session per client) and ``2026-07-28`` (sessionless). ``details.uvicorn`` adds the same from
   server CPU per call (``overhead_pct_by_cpu``) and from call-by-call latency pairs.
+- ``*_overhead_pct_uvicorn_aa``: the uvicorn rounds again with ``tests.bench.bare_app`` on both
+  sides, an A/A control: how far two processes of the *same* app differ under this method. An
+  overhead figure within it is noise.
 - ``*_overhead_pct_inprocess``: the same two apps called as ASGI in this process (no server, no
   socket), call by call, alternating; ``1 - median(bare/layered)`` over the pairs. This is the
   steadiest figure on a shared machine; ``details.inprocess`` has the concurrent-rounds version too.
@@ -105,6 +108,8 @@ TARGETS = {
     "sessionless_overhead_pct": Target("<=", 1, " %"),
     "sessionless_overhead_pct_inprocess": Target("<=", 1, " %"),
     "sessionless_overhead_pct_uvicorn": Target("<=", 1, " %"),
+    "layer_overhead_pct_uvicorn_aa": Target("", None, " %"),  # both sides without the layer: the noise
+    "sessionless_overhead_pct_uvicorn_aa": Target("", None, " %"),
     "replays_per_session_cached": Target("<=", 1.0, ""),
     "replays_per_session_uncached": Target("", None, ""),  # the comparison for the cached figure
     "edge_vs_direct_throughput": Target(">=", 0.7, ""),
@@ -121,6 +126,7 @@ GROUPS = {
         "sessionless_overhead_pct",
         "sessionless_overhead_pct_uvicorn",
     ),
+    "uvicorn_aa": ("layer_overhead_pct_uvicorn_aa", "sessionless_overhead_pct_uvicorn_aa"),
     "replays": ("replays_per_session_cached", "replays_per_session_uncached"),
     "edge_direct": ("edge_vs_direct_throughput", "sse_first_event_delay_ms"),
     "edge_rss": ("edge_rss_mb_1000_streams",),
@@ -185,8 +191,9 @@ async def run_benchmarks(groups: set[str], quick: bool, report: Report) -> None:
             "sessionless_rounds": figures.modern.detail(),
         }
         report.profiles["inprocess_server"] = figures.profile
+    paired_uvicorn = 500 if quick else 2000
     if "uvicorn" in groups:
-        paired = 500 if quick else 2000
+        paired = paired_uvicorn
         report.log(f"uvicorn: {throughput.rounds} rounds x 2 x {throughput.seconds:g} s, {paired} paired calls per era")
         served = await layer.uvicorn_rounds(throughput, paired)
         for key, rounds in (("layer_overhead_pct", served.handshake), ("sessionless_overhead_pct", served.modern)):
@@ -196,6 +203,15 @@ async def run_benchmarks(groups: set[str], quick: bool, report: Report) -> None:
             "sessionless_rounds": served.modern.detail(),
             "handshake_paired_latency": served.handshake_paired.detail(),
             "sessionless_paired_latency": served.modern_paired.detail(),
+        }
+    if "uvicorn_aa" in groups:
+        report.log("uvicorn A/A: the same rounds with the layer-less app on both sides (the method's noise)")
+        control = await layer.uvicorn_rounds(throughput, paired_uvicorn, subject_app=layer.BARE_APP)
+        report.results["layer_overhead_pct_uvicorn_aa"] = control.handshake.overhead_pct()
+        report.results["sessionless_overhead_pct_uvicorn_aa"] = control.modern.overhead_pct()
+        report.details["uvicorn_aa"] = {
+            "handshake_rounds": control.handshake.detail(),
+            "sessionless_rounds": control.modern.detail(),
         }
     if "replays" in groups:
         for cached in (True, False):

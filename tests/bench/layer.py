@@ -240,12 +240,19 @@ async def _profile_layered_calls(client: mcp_load.AsgiClient, tokens: list[str],
     ]
 
 
-async def uvicorn_rounds(budget: Budget, paired_count: int) -> UnderUvicorn:
-    """(handshake era, 2026-07-28): two uvicorn processes, ``tests.bench.bare_app`` and ``app.main``."""
+BARE_APP = "tests.bench.bare_app:app"
+
+
+async def uvicorn_rounds(budget: Budget, paired_count: int, subject_app: str = "app.main:app") -> UnderUvicorn:
+    """(handshake era, 2026-07-28): two uvicorn processes, ``tests.bench.bare_app`` and ``subject_app``.
+
+    With ``subject_app=BARE_APP`` both sides are the same app (an A/A run): what it measures is the
+    method's own noise, process against process.
+    """
     with contextlib.ExitStack() as stack:
-        bare = start_uvicorn("tests.bench.bare_app:app", MACHINE_ID)
+        bare = start_uvicorn(BARE_APP, MACHINE_ID)
         stack.callback(bare.stop)
-        layered = start_uvicorn("app.main:app", MACHINE_ID)
+        layered = start_uvicorn(subject_app, MACHINE_ID)
         stack.callback(layered.stop)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -264,7 +271,8 @@ async def uvicorn_rounds(budget: Budget, paired_count: int) -> UnderUvicorn:
 
             bare_url, layered_url = bare.url + "/mcp", layered.url + "/mcp"
             token = sessions[layered_url][0]
-            assert token.startswith(MACHINE_ID + "."), "the layered server did not wrap its session id"
+            if subject_app != BARE_APP:
+                assert token.startswith(MACHINE_ID + "."), "the layered server did not wrap its session id"
             assert await mcp_load.call_tool(http, layered_url, token, 1, TOOL) == MACHINE_ID
             # Warm both up (first-use imports, caches) before measuring.
             for url in (bare_url, layered_url):
