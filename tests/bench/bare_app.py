@@ -1,7 +1,7 @@
 """The demo MCP server of ``app.main`` without ``AffinityMiddleware``: the baseline of the overhead figures.
 
-The same ``MCPServer`` (tools, transports, host checks), the same routes, the same lifespan and the
-same ``UncompressedStreamsMiddleware``; only the affinity layer is missing. Serve it with
+The same ``MCPServer`` (tools, transports, host checks), the same routes in the same order, the same
+lifespan and the same ``UncompressedStreamsMiddleware``; only the affinity layer is missing. Serve it with
 ``uvicorn tests.bench.bare_app:app``.
 """
 
@@ -15,7 +15,7 @@ from app.streaming import UncompressedStreamsMiddleware
 app = FastAPI(
     title="demo without the affinity layer", lifespan=main.lifespan, docs_url=None, redoc_url=None, openapi_url=None
 )
-app.router.routes.extend(route for route in main.app.router.routes if getattr(route, "path", None) == "/healthz")
-app.router.routes.extend(main.streamable_app.routes)
-app.router.routes.extend(main.sse_app.routes)
+# Every route of the demo, in the same order (/healthz, /metrics, /mcp, /sse, /messages/): route
+# matching costs the same on both sides.
+app.router.routes.extend(main.app.router.routes)
 app.add_middleware(UncompressedStreamsMiddleware)
