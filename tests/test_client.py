@@ -13,19 +13,13 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
-from tests.edge.edge_cli import FleetProcess, wait_gone
+from tests.edge.edge_cli import FleetProcess, running_fleet
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
-    process = FleetProcess(["--machines", "3"], tmp_path_factory.mktemp("client") / "edge.log")
-    try:
-        process.wait_ready()
+    with running_fleet(["--machines", "3"], tmp_path_factory.mktemp("client") / "edge.log") as process:
         yield process
-    finally:
-        pids = list(process.machine_pids)
-        assert process.stop() == 0
-        assert not wait_gone(pids)
 
 
 def start_client(*args: str, output: Path) -> subprocess.Popen[bytes]:

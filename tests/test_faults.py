@@ -19,7 +19,7 @@ from mcp import Client
 
 from app.affinity.token import TokenCodec
 from tests.conftest import APP_NAME, Machine, start_machine
-from tests.edge.edge_cli import FleetProcess, wait_gone
+from tests.edge.edge_cli import FleetProcess, running_fleet
 from tests.mcp_http import call_count_message, open_session, session_headers, tool_text
 
 pytestmark = pytest.mark.anyio
@@ -31,14 +31,8 @@ GONE_WITHIN_SECONDS = 5.0
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetProcess]:
     """``python -m app.edge --machines 3`` with a secret the test knows."""
-    process = FleetProcess(["--machines", "3"], tmp_path / "edge.log", env={"AFFINITY_SECRET": FLEET_SECRET})
-    try:
-        process.wait_ready()
+    with running_fleet(["--machines", "3"], tmp_path / "edge.log", env={"AFFINITY_SECRET": FLEET_SECRET}) as process:
         yield process
-    finally:
-        pids = list(process.machine_pids)
-        assert process.stop() == 0
-        assert not wait_gone(pids)
 
 
 class Sessions:
@@ -266,9 +260,7 @@ async def test_failover_modes_answer_as_the_readme_table_says(
     tmp_path: Path, failover: str, fleet_args: list[str], stopped_owner: int, destroyed_owner: int
 ) -> None:
     env = {"AFFINITY_SECRET": FLEET_SECRET, "AFFINITY_FAILOVER": failover}
-    fleet = FleetProcess(["--machines", "3", *fleet_args], tmp_path / "edge.log", env=env)
-    try:
-        fleet.wait_ready()
+    with running_fleet(["--machines", "3", *fleet_args], tmp_path / "edge.log", env=env) as fleet:
         async with httpx.AsyncClient(base_url=fleet.url, timeout=30) as raw:
             sessions = Sessions(raw)
             await sessions.open(9)
@@ -283,7 +275,3 @@ async def test_failover_modes_answer_as_the_readme_table_says(
             )
             response = await raw.post("/mcp", headers=session_headers(gone), json=call_count_message(2))
             assert response.status_code == destroyed_owner
-    finally:
-        pids = list(fleet.machine_pids)
-        assert fleet.stop() == 0
-        assert not wait_gone(pids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,6 +68,21 @@ class FleetProcess:
     def known_pids(self) -> list[int]:
         """Every machine pid this edge ever reported (its log names them on start)."""
         return self.machine_pids
+
+
+@contextlib.contextmanager
+def running_fleet(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[FleetProcess]:
+    """``python -m app.edge ...`` ready for requests; on exit it must stop cleanly, leaving no machine behind."""
+    process = FleetProcess(args, log, env)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        pids = list(process.machine_pids)
+        with contextlib.suppress(OSError):  # a dead edge has no status to give; its failure is reported
+            pids += [m["pid"] for m in process.status()["machines"] if m["pid"]] if process.url else []
+        assert process.stop() == 0
+        assert not wait_gone(pids)
 
 
 def alive(pid: int) -> bool:

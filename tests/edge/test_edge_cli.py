@@ -12,21 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.edge.edge_cli import ROOT, TESTS_DIR, FleetProcess, alive, probe_fleet_args, wait_gone
+from tests.edge.edge_cli import ROOT, TESTS_DIR, FleetProcess, alive, probe_fleet_args, running_fleet, wait_gone
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
     log = tmp_path_factory.mktemp("fleet") / "edge.log"
     args = [*probe_fleet_args(2), "--fly-toml", str(TESTS_DIR / "fly.probe.toml")]
-    process = FleetProcess(args, log, env={"AFFINITY_SECRET": "", "AFFINITY_SET_BY_BOTH": "shell"})
-    try:
-        process.wait_ready()
+    with running_fleet(args, log, env={"AFFINITY_SECRET": "", "AFFINITY_SET_BY_BOTH": "shell"}) as process:
         yield process
-    finally:
-        pids = [m["pid"] for m in process.status()["machines"] if m["pid"]] if process.url else []
-        assert process.stop() == 0
-        assert not wait_gone(pids + process.machine_pids)
 
 
 def test_help_explains_every_option() -> None:

@@ -16,7 +16,7 @@ import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
 
-from tests.edge.edge_cli import TESTS_DIR, FleetProcess, wait_gone
+from tests.edge.edge_cli import TESTS_DIR, FleetProcess, running_fleet, wait_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -26,14 +26,8 @@ CALLS = 3
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
-    process = FleetProcess(["--machines", "3"], tmp_path_factory.mktemp("mcp") / "edge.log")
-    try:
-        process.wait_ready()
+    with running_fleet(["--machines", "3"], tmp_path_factory.mktemp("mcp") / "edge.log") as process:
         yield process
-    finally:
-        pids = list(process.machine_pids)
-        assert process.stop() == 0
-        assert not wait_gone(pids)
 
 
 def _text(result: Any) -> str:

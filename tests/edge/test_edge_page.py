@@ -24,7 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 from playwright.async_api import expect
 
 from tests.edge.browser import browser_page
-from tests.edge.edge_cli import FleetProcess, probe_fleet_args, wait_gone
+from tests.edge.edge_cli import FleetProcess, probe_fleet_args, running_fleet, wait_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -33,14 +33,8 @@ _MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type":
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetProcess]:
-    process = FleetProcess(["--machines", "3"], tmp_path / "edge.log")
-    try:
-        process.wait_ready()
+    with running_fleet(["--machines", "3"], tmp_path / "edge.log") as process:
         yield process
-    finally:
-        pids = [m["pid"] for m in process.status()["machines"] if m["pid"]] if process.url else []
-        assert process.stop() == 0
-        assert not wait_gone(pids + process.machine_pids)
 
 
 def _text(result: Any) -> str:
