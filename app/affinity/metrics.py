@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from prometheus_client.core import REGISTRY, CounterMetricFamily
 from prometheus_client.registry import Collector
 
-OUTCOMES = ("served", "replayed", "forwarded", "rejected", "passed")
-
 
 class DecisionCounts:
     """One middleware's decisions: ``served`` and ``passed`` as attributes, the rest by (outcome, reason)."""

@@ -6,7 +6,6 @@ random balancer picked first; the edge's replays make that so.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from mcp import Client
 from mcp.client.sse import sse_client
 
 from tests.edge.edge_cli import TESTS_DIR, FleetProcess, running_fleet, wait_gone
+from tests.mcp_http import measure_body, open_session, session_headers
 
 pytestmark = pytest.mark.anyio
 
@@ -112,35 +112,13 @@ async def test_three_mib_calls_are_answered_whichever_machine_they_land_on(fleet
         assert _text(await client.call_tool("count", {})) == "1"  # still one session, on its owner
         assert _text(await client.call_tool("whoami", {})) == owner
     async with httpx.AsyncClient(base_url=fleet.url, timeout=60) as raw:
-        initialize = await raw.post("/mcp", headers=_MCP_HEADERS, json=_INITIALIZE, params={})
-        token = initialize.headers["mcp-session-id"]
-        session = {**_MCP_HEADERS, "mcp-session-id": token, "mcp-protocol-version": "2025-11-25"}
+        token = await open_session(raw, "/mcp")
         for machine_id in machine_ids:  # land on every machine, the owner and the others
-            response = await raw.post(
-                "/mcp", headers={**session, "fly-force-instance-id": machine_id}, content=_measure_body(three_mib)
-            )
+            headers = session_headers(token, **{"fly-force-instance-id": machine_id})
+            response = await raw.post("/mcp", headers=headers, content=measure_body(three_mib))
             assert response.status_code == 200, response.text
             assert f'"text":"{three_mib}"' in response.text.replace(" ", "")
     assert "PA01" not in fleet.status()["errors"]
-
-
-_MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-_INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-}
-
-
-def _measure_body(size: int) -> bytes:
-    call = {
-        "jsonrpc": "2.0",
-        "id": 2,
-        "method": "tools/call",
-        "params": {"name": "measure", "arguments": {"data": "x" * size}},
-    }
-    return json.dumps(call).encode()
 
 
 async def test_replay_cache_with_the_demo_in_cached_mode(tmp_path) -> None:

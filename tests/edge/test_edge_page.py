@@ -25,10 +25,9 @@ from playwright.async_api import expect
 
 from tests.edge.browser import browser_page
 from tests.edge.edge_cli import FleetProcess, probe_fleet_args, running_fleet, wait_gone
+from tests.mcp_http import JSON_AND_SSE, call_count_message, tool_text
 
 pytestmark = pytest.mark.anyio
-
-_MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
 @pytest.fixture
@@ -43,12 +42,11 @@ def _text(result: Any) -> str:
 
 async def _count_through(edge_url: str, token: str, machine_id: str) -> str:
     """One ``count`` call of the session ``token`` sent to ``machine_id`` first: a wrong landing, replayed."""
-    call = {"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "count", "arguments": {}}}
-    headers = {**_MCP_HEADERS, "mcp-session-id": token, "fly-force-instance-id": machine_id}
+    headers = {**JSON_AND_SSE, "mcp-session-id": token, "fly-force-instance-id": machine_id}
     async with httpx.AsyncClient(base_url=edge_url, timeout=30) as raw:
-        response = await raw.post("/mcp", headers=headers, content=json.dumps(call))
+        response = await raw.post("/mcp", headers=headers, json=call_count_message(99))
     assert response.status_code == 200, response.text
-    return response.text.split('"text":"', 1)[1].split('"', 1)[0]
+    return tool_text(response)
 
 
 async def test_watch_a_session_stick_then_suspend_its_machine(
@@ -156,6 +154,8 @@ def test_stopping_the_edge_ends_an_open_page_feed(tmp_path: Path) -> None:
         started = time.monotonic()
         assert process.stop() == 0
         stopping = time.monotonic() - started
-        assert list(lines) is not None  # the feed ended with the edge
+        # Reading to the end returns only because the edge ended the feed; an open one would raise ReadTimeout.
+        for _ in lines:
+            pass
     assert not wait_gone(process.machine_pids)
     assert stopping < 1.5, f"the edge took {stopping:.1f}s to stop with a page open"
