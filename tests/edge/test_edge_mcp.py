@@ -6,7 +6,8 @@ random balancer picked first; the edge's replays make that so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,7 +16,7 @@ import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
 
-from tests.edge.edge_cli import TESTS_DIR, FleetProcess, running_fleet, wait_gone
+from tests.edge.edge_cli import TESTS_DIR, FleetProcess, running_fleet
 from tests.mcp_http import measure_body, open_session, session_headers
 
 pytestmark = pytest.mark.anyio
@@ -43,41 +44,38 @@ async def _session(client: Client) -> tuple[set[str], list[int]]:
     return machines, counts
 
 
-async def test_concurrent_legacy_sessions_stick_to_their_machine(fleet: FleetProcess) -> None:
+async def _sessions_stick(connect: Callable[[], Client], count: int) -> set[str]:
+    """Run ``count`` sessions at once; each must be answered by one machine, counting without gaps.
+
+    Returns the machines that owned them.
+    """
     results: list[tuple[set[str], list[int]]] = []
 
     async def one() -> None:
-        async with Client(f"{fleet.url}/mcp", mode="legacy") as client:
+        async with connect() as client:
             results.append(await _session(client))
 
-    before = fleet.status()["replays"]
     async with anyio.create_task_group() as group:
-        for _ in range(SESSIONS):
+        for _ in range(count):
             group.start_soon(one)
-    assert len(results) == SESSIONS
+    assert len(results) == count
     for machines, counts in results:
         assert len(machines) == 1  # one machine answered every call of the session
         assert counts == list(range(1, CALLS + 1))  # no gaps: the session's memory was always there
-    assert len({next(iter(machines)) for machines, _ in results}) > 1  # sessions spread over the fleet
+    return {next(iter(machines)) for machines, _ in results}
+
+
+async def test_concurrent_legacy_sessions_stick_to_their_machine(fleet: FleetProcess) -> None:
+    before = fleet.status()["replays"]
+    owners = await _sessions_stick(lambda: Client(f"{fleet.url}/mcp", mode="legacy"), SESSIONS)
+    assert len(owners) > 1  # sessions spread over the fleet
     status = fleet.status()
     assert status["replays"] > before  # wrong-machine landings happened and were replayed
     assert not status["errors"]
 
 
 async def test_legacy_sse_sessions_through_the_edge(fleet: FleetProcess) -> None:
-    results: list[tuple[set[str], list[int]]] = []
-
-    async def one() -> None:
-        async with Client(sse_client(f"{fleet.url}/sse"), mode="legacy") as client:
-            results.append(await _session(client))
-
-    async with anyio.create_task_group() as group:
-        for _ in range(5):
-            group.start_soon(one)
-    for machines, counts in results:
-        assert len(machines) == 1
-        assert counts == list(range(1, CALLS + 1))
-    assert len(results) == 5
+    await _sessions_stick(lambda: Client(sse_client(f"{fleet.url}/sse"), mode="legacy"), 5)
 
 
 async def test_modern_client_through_the_edge(fleet: FleetProcess) -> None:
@@ -121,27 +119,10 @@ async def test_three_mib_calls_are_answered_whichever_machine_they_land_on(fleet
     assert "PA01" not in fleet.status()["errors"]
 
 
-async def test_replay_cache_with_the_demo_in_cached_mode(tmp_path) -> None:
+async def test_replay_cache_with_the_demo_in_cached_mode(tmp_path: Path) -> None:
     args = ["--machines", "2", "--fly-toml", str(TESTS_DIR / "fly.cached.toml")]
-    process = FleetProcess(args, tmp_path / "edge.log")
-    try:
-        process.wait_ready()
-        results: list[tuple[set[str], list[int]]] = []
-
-        async def one() -> None:
-            async with Client(f"{process.url}/mcp", mode="legacy") as client:
-                results.append(await _session(client))
-
-        async with anyio.create_task_group() as group:
-            for _ in range(6):
-                group.start_soon(one)
-        for machines, counts in results:
-            assert len(machines) == 1
-            assert counts == list(range(1, CALLS + 1))
+    with running_fleet(args, tmp_path / "edge.log") as process:
+        await _sessions_stick(lambda: Client(f"{process.url}/mcp", mode="legacy"), 6)
         status = process.status()
         assert status["replay_cache_hits"] > 0  # later calls went straight to the owner
         assert not status["errors"]
-    finally:
-        pids = list(process.machine_pids)
-        assert process.stop() == 0
-        assert not wait_gone(pids)
