@@ -18,18 +18,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from app.affinity.middleware import AffinityMiddleware
-from app.hosts import transport_security
-from app.settings import AffinitySettings
-from app.streaming import UncompressedStreamsMiddleware
+from fly_replay_router import (
+    AffinityMiddleware,
+    UncompressedStreamsMiddleware,
+    load_settings,
+    register_metrics,
+    transport_security,
+)
 
 MAX_COUNTED_SESSIONS = 100_000
 
-try:
-    settings = AffinitySettings.from_env()
-except ValueError as exc:
-    # One sentence that says what to fix, rather than a traceback from deep inside the import.
-    raise SystemExit(f"fly-replay-router cannot start: {exc}") from None
+# On Fly without AFFINITY_SECRET: one sentence that says what to fix, not a traceback.
+settings = load_settings()
+register_metrics()
 mcp = MCPServer("fly-replay-router-demo")
 _counters: OrderedDict[str, int] = OrderedDict()
 

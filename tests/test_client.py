@@ -1,4 +1,4 @@
-"""The example client (``python -m app.client``) as the README's walkthrough uses it, on a real fleet."""
+"""The example client (``python -m fly_replay_router.client``) as the README's walkthrough uses it, on a real fleet."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
 def start_client(*args: str, output: Path) -> subprocess.Popen[bytes]:
     with output.open("wb") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "app.client", *args], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "fly_replay_router.client", *args], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT
         )
 
 

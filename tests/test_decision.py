@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.affinity.decision import Arrival, Forward, Reject, Replay, Serve, decide
-from app.affinity.token import TokenCodec
+from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, Serve, decide
+from fly_replay_router.affinity.token import TokenCodec
 
 HERE = "aaaaaaaaaaaaaa"
 OTHER = "bbbbbbbbbbbbbb"

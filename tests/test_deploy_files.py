@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sse_starlette.sse import EventSourceResponse
 
-from app.affinity.middleware import MCP_SESSION_ID
+from fly_replay_router.affinity.middleware import MCP_SESSION_ID
 from tests.conftest import ROOT
 
 FLY = tomllib.loads((ROOT / "fly.toml").read_text())

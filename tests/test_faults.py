@@ -17,7 +17,7 @@ import httpx
 import pytest
 from mcp import Client
 
-from app.affinity.token import TokenCodec
+from fly_replay_router.affinity.token import TokenCodec
 from tests.conftest import APP_NAME, Machine, start_machine
 from tests.edge.edge_cli import FleetProcess, running_fleet
 from tests.mcp_http import call_count_message, open_session, session_headers, tool_text
@@ -30,7 +30,7 @@ GONE_WITHIN_SECONDS = 5.0
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[FleetProcess]:
-    """``python -m app.edge --machines 3`` with a secret the test knows."""
+    """``python -m fly_replay_router.edge --machines 3`` with a secret the test knows."""
     with running_fleet(["--machines", "3"], tmp_path / "edge.log", env={"AFFINITY_SECRET": FLEET_SECRET}) as process:
         yield process
 

@@ -1,10 +1,10 @@
-"""Fly's header grammar (app/fly.py), shared by the layer and the edge."""
+"""Fly's header grammar (fly_replay_router/fly.py), shared by the layer and the edge."""
 
 from __future__ import annotations
 
 import pytest
 
-from app.fly import (
+from fly_replay_router.fly import (
     InvalidReplay,
     ReplayCacheDirective,
     ReplayFailure,

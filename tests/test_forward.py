@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.affinity.forward import REPLAY_BODY_LIMIT, body_replayable
+from fly_replay_router.affinity.forward import REPLAY_BODY_LIMIT, body_replayable
 
 
 @pytest.mark.parametrize(

@@ -38,12 +38,12 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
-import app.affinity.middleware as middleware_module
-from app.affinity.decision import Arrival, Forward, Reject, Replay, Serve, decide
-from app.affinity.forward import FORWARDED_FROM
-from app.affinity.middleware import AffinityMiddleware
-from app.affinity.token import CLOCK_SKEW_SECONDS, InvalidToken, SessionToken, TokenCodec
-from app.fly import (
+import fly_replay_router.affinity.middleware as middleware_module
+from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, Serve, decide
+from fly_replay_router.affinity.forward import FORWARDED_FROM
+from fly_replay_router.affinity.middleware import AffinityMiddleware
+from fly_replay_router.affinity.token import CLOCK_SKEW_SECONDS, InvalidToken, SessionToken, TokenCodec
+from fly_replay_router.fly import (
     InvalidReplay,
     ReplayFailure,
     ReplayInstruction,
@@ -53,7 +53,7 @@ from app.fly import (
     parse_replay_json,
     parse_replay_src,
 )
-from app.settings import AffinitySettings
+from fly_replay_router.settings import AffinitySettings
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
 ASGI_EXAMPLES = max(EXAMPLES // 10, 100)
@@ -578,7 +578,7 @@ def asgi_case(inputs: Inputs) -> AsgiCase:
 @contextmanager
 def quiet_layer_logs() -> Iterator[None]:
     """The layer logs every refused token at info: thousands of lines that say nothing here."""
-    logger = logging.getLogger("app.affinity")
+    logger = logging.getLogger("fly_replay_router.affinity")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:

@@ -15,7 +15,7 @@ import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
 
-from app.affinity.token import TokenCodec
+from fly_replay_router.affinity.token import TokenCodec
 from tests.conftest import APP_NAME, SECRET, Machine, free_port, start_machine
 from tests.mcp_http import (
     HANDSHAKE,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from mcp.server.streamable_http_manager import _error_response
 
-from app import AffinityMiddleware, AffinitySettings
-from app.affinity.middleware import SESSION_NOT_FOUND_BODY
-from app.affinity.token import TokenCodec
+from fly_replay_router import AffinityMiddleware, AffinitySettings
+from fly_replay_router.affinity.middleware import SESSION_NOT_FOUND_BODY
+from fly_replay_router.affinity.token import TokenCodec
 
 HERE = "aaaaaaaaaaaaaa"
 OTHER = "bbbbbbbbbbbbbb"
@@ -164,14 +164,14 @@ async def test_bad_tokens_get_the_sdks_404_and_one_info_line(
     token: bytes, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     inner = InnerApp()
-    with caplog.at_level(logging.INFO, logger="app.affinity"):
+    with caplog.at_level(logging.INFO, logger="fly_replay_router.affinity"):
         sent, _ = await call(
             AffinityMiddleware(inner, settings=SETTINGS), http_scope(headers=[(b"mcp-session-id", token)])
         )
     assert sent[0]["status"] == 404
     assert json.loads(sent[1]["body"])["error"]["message"] == "Session not found"
     assert inner.scopes == []
-    records = [record for record in caplog.records if record.name == "app.affinity"]
+    records = [record for record in caplog.records if record.name == "fly_replay_router.affinity"]
     assert len(records) == 1
     assert records[0].levelno == logging.INFO
     assert f"reason={reason} " in records[0].getMessage()
@@ -295,13 +295,15 @@ async def test_lifespan_and_websocket_scopes_pass_straight_through() -> None:
 
 async def test_each_decision_not_served_here_is_one_structured_log_line(caplog: pytest.LogCaptureFixture) -> None:
     headers = [(b"mcp-session-id", token_for(OTHER)), (b"fly-request-id", b"01JDABCDEF-ams")]
-    with caplog.at_level(logging.INFO, logger="app.affinity"):
+    with caplog.at_level(logging.INFO, logger="fly_replay_router.affinity"):
         await call(AffinityMiddleware(InnerApp(), settings=SETTINGS), http_scope(headers=headers))
         await call(
             AffinityMiddleware(InnerApp(), settings=SETTINGS),
             http_scope(headers=[(b"mcp-session-id", token_for(HERE))]),
         )
-    [record] = [record for record in caplog.records if record.name == "app.affinity"]  # served here: no line
+    [record] = [
+        record for record in caplog.records if record.name == "fly_replay_router.affinity"
+    ]  # served here: no line
     assert record.getMessage() == (
         f"affinity outcome=replayed reason=- owner={OTHER} machine={HERE} "
         "request_id=01JDABCDEF-ams method=POST path=/mcp"

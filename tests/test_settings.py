@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from app.settings import AffinitySettings
+from fly_replay_router.settings import AffinitySettings
 
 KEY = "settings-test-key-0123456789"
 
@@ -37,7 +37,7 @@ def test_on_fly_without_a_secret_refuses_to_start_and_says_how_to_fix_it() -> No
 
 
 def test_outside_fly_it_invents_an_id_and_a_secret_with_warnings(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="app.settings"):
+    with caplog.at_level(logging.WARNING, logger="fly_replay_router.settings"):
         first = AffinitySettings.from_env({})
         second = AffinitySettings.from_env({})
     assert len(first.machine_id) == 14

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.affinity.sse import MAX_SCAN_BYTES, EndpointEventRewriter
+from fly_replay_router.affinity.sse import MAX_SCAN_BYTES, EndpointEventRewriter
 
 INNER = "7da4e80665bd4c6fb73231d63f0c227f"
 

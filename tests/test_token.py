@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from app.affinity.token import MAX_TOKEN_LENGTH, VERIFIED_TOKENS_KEPT, InvalidToken, TokenCodec
+from fly_replay_router.affinity.token import MAX_TOKEN_LENGTH, VERIFIED_TOKENS_KEPT, InvalidToken, TokenCodec
 
 KEY_1 = "first-key-0123456789abcdef"
 KEY_2 = "second-key-0123456789abcdef"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app import main
-from app.streaming import UncompressedStreamsMiddleware
+from fly_replay_router.streaming import UncompressedStreamsMiddleware
 
 app = FastAPI(
     title="demo without the affinity layer", lifespan=main.lifespan, docs_url=None, redoc_url=None, openapi_url=None

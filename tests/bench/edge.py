@@ -1,6 +1,6 @@
 """What the simulated Fly edge costs, and how many replays a session needs through it.
 
-- Replays per session: ``python -m app.edge --machines 4`` (random first hop, as Fly's balancing
+- Replays per session: ``python -m fly_replay_router.edge --machines 4`` (random first hop, as Fly's balancing
   looks to a session), 100 sessions of ``initialize``, ``notifications/initialized`` and 10
   ``tools/call`` of ``count`` (which also proves affinity: each session must count 1..10), once with
   a fly.toml replay cache rule on ``Mcp-Session-Id`` and ``AFFINITY_FAILOVER=cached``, once without.
@@ -171,10 +171,10 @@ class _EdgeThread:
     """An ``EdgeProxy`` under uvicorn in a thread of this process, so that cProfile sees only its requests."""
 
     def __init__(self, backend_url: str) -> None:
-        from app.edge.config import EdgeConfig
-        from app.edge.fleet import Fleet, FleetSpec
-        from app.edge.proxy import EdgeProxy
-        from app.edge.serve import edge_server
+        from fly_replay_router.edge.config import EdgeConfig
+        from fly_replay_router.edge.fleet import Fleet, FleetSpec
+        from fly_replay_router.edge.proxy import EdgeProxy
+        from fly_replay_router.edge.serve import edge_server
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -239,7 +239,7 @@ async def profile_edge(seconds: float, clients: int = 8) -> list[str]:
         f"{count} tools/call relayed by the edge (CPU time of its thread only); per call:",
         *profile_rows(stats, calls_done, 14, skip=IDLE),
         "the edge's own functions, by cumulative time:",
-        *profile_rows(stats, calls_done, 10, skip=IDLE, only="app/edge", by_cumulative=True),
+        *profile_rows(stats, calls_done, 10, skip=IDLE, only="fly_replay_router/edge", by_cumulative=True),
     ]
 
 

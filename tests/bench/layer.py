@@ -231,7 +231,7 @@ async def _profile_layered_calls(client: mcp_load.AsgiClient, tokens: list[str],
     count = int(await mcp_load.throughput(calls, seconds) * seconds)
     profiler.disable()
     stats = pstats.Stats(profiler, stream=io.StringIO())
-    layer_rows = profile_rows(stats, max(count, 1), 12, only="app/affinity", by_cumulative=True)
+    layer_rows = profile_rows(stats, max(count, 1), 12, only="fly_replay_router/affinity", by_cumulative=True)
     return [
         f"{count} tools/call in-process; per call:",
         *profile_rows(stats, max(count, 1), 12),
@@ -305,8 +305,8 @@ def decision_timing(number: int = 10_000, repeat: int = 7) -> dict[str, float]:
     ``decision_us`` is a session's usual request (its token verified before: the codec remembers
     it); ``decision_first_sight_us`` is the first request with a token (the HMAC is checked).
     """
-    from app.affinity.decision import decide
-    from app.affinity.token import TokenCodec
+    from fly_replay_router.affinity.decision import decide
+    from fly_replay_router.affinity.token import TokenCodec
 
     codec = TokenCodec((SECRET,), app_name=APP_NAME)
     now = time.time()
@@ -349,8 +349,8 @@ def _run_to_completion(coroutine: Coroutine[Any, Any, None]) -> None:
 
 def _middleware_request() -> tuple[Callable[[], None], Callable[[], None]]:
     """(through the layer, straight to the stub): one handshake-era request for a local session."""
-    from app.affinity.middleware import AffinityMiddleware
-    from app.settings import AffinitySettings
+    from fly_replay_router.affinity.middleware import AffinityMiddleware
+    from fly_replay_router.settings import AffinitySettings
 
     async def stub(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"mcp-session-id", inner)]})
@@ -437,8 +437,8 @@ def _short(filename: str) -> str:
 
 def decision_profiles(calls: int) -> dict[str, list[str]]:
     """Where the time of ``decide`` and of the middleware goes (cProfile, own time per call)."""
-    from app.affinity.decision import decide
-    from app.affinity.token import TokenCodec
+    from fly_replay_router.affinity.decision import decide
+    from fly_replay_router.affinity.token import TokenCodec
 
     codec = TokenCodec((SECRET,), app_name=APP_NAME)
     now = time.time()

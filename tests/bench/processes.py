@@ -1,4 +1,4 @@
-"""Real processes for the benchmarks: uvicorn machines and ``python -m app.edge`` fleets on loopback."""
+"""Real processes for the benchmarks: uvicorn machines and ``python -m fly_replay_router.edge`` fleets on loopback."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ app = "bench-mcp"
 
 
 def start_edge(*, machines: int, cached: bool = False, backends: dict[str, str] | None = None) -> Process:
-    """``python -m app.edge`` on a free port, waiting until every machine it lists is started.
+    """``python -m fly_replay_router.edge`` on a free port, waiting until every machine it lists is started.
 
     A temporary fly.toml decides the replay cache (the project's own fly.toml is never read), and
     ``AFFINITY_FAILOVER`` is set both in the environment and in its ``[env]`` (which Fly, and the
@@ -125,7 +125,7 @@ def start_edge(*, machines: int, cached: bool = False, backends: dict[str, str] 
     fly_toml = Path(tempfile.mkdtemp(prefix="bench-edge-")) / "fly.toml"
     fly_toml.write_text(FLY_TOML_CACHED if cached else FLY_TOML_UNCACHED)
     env = {**os.environ, "AFFINITY_SECRET": SECRET, "AFFINITY_FAILOVER": "cached" if cached else "safe"}
-    command = [sys.executable, "-m", "app.edge", "--machines", str(machines), "--port", str(port)]
+    command = [sys.executable, "-m", "fly_replay_router.edge", "--machines", str(machines), "--port", str(port)]
     command += ["--fly-toml", str(fly_toml), "--log-level", "warning"]
     for machine_id, url in (backends or {}).items():
         command += ["--backend", f"{machine_id}={url}"]

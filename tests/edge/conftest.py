@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import uvicorn
 
-from app.edge.config import EdgeConfig
-from app.edge.fleet import Fleet
-from app.edge.proxy import EdgeProxy
-from app.edge.serve import edge_server
+from fly_replay_router.edge.config import EdgeConfig
+from fly_replay_router.edge.fleet import Fleet
+from fly_replay_router.edge.proxy import EdgeProxy
+from fly_replay_router.edge.serve import edge_server
 from tests.edge.edge_probe import ProbeMachine
 
 

@@ -1,4 +1,4 @@
-"""Running ``python -m app.edge`` as a real process for the tests, and checking it left nothing behind."""
+"""Running ``python -m fly_replay_router.edge`` as a real process for the tests, and checking it left nothing behind."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 class FleetProcess:
-    """``python -m app.edge ...`` with its output in a file (a pipe nobody reads would block it)."""
+    """``python -m fly_replay_router.edge ...`` with its output in a file (a pipe nobody reads would block it)."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self.output = log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.edge", "--port", "0", *args],
+            [sys.executable, "-m", "fly_replay_router.edge", "--port", "0", *args],
             cwd=ROOT,
             stdout=self.output,
             stderr=subprocess.STDOUT,
@@ -72,7 +72,7 @@ class FleetProcess:
 
 @contextlib.contextmanager
 def running_fleet(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[FleetProcess]:
-    """``python -m app.edge ...`` ready for requests; on exit it must stop cleanly, leaving no machine behind."""
+    """``python -m fly_replay_router.edge ...`` ready for requests; on exit it stops cleanly, no machine left."""
     process = FleetProcess(args, log, env)
     try:
         process.wait_ready()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.edge.cache import ReplayCache
-from app.edge.config import SessionCacheRule
+from fly_replay_router.edge.cache import ReplayCache
+from fly_replay_router.edge.config import SessionCacheRule
 
 SESSION_RULE = SessionCacheRule(path_prefix="/", ttl_seconds=300, type="header", name="Mcp-Session-Id")
 

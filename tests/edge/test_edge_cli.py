@@ -1,4 +1,4 @@
-"""``python -m app.edge`` as a user runs it: real machine processes, signals, failures."""
+"""``python -m fly_replay_router.edge`` as a user runs it: real machine processes, signals, failures."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
 
 
 def test_help_explains_every_option() -> None:
-    result = subprocess.run([sys.executable, "-m", "app.edge", "--help"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fly_replay_router.edge", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0
     options = ("--machines", "--app", "--backend", "--port", "--host", "--balance", "--fly-toml", "--app-name")
     for option in (*options, "--autostop-interval"):
@@ -80,7 +82,7 @@ def test_kill_stop_start_and_autostart(fleet: FleetProcess) -> None:
         assert stopped["pid"] is None
     # The CLI verb talks to the running edge.
     verb = subprocess.run(
-        [sys.executable, "-m", "app.edge", "machine", "start", b, "--edge", fleet.url],
+        [sys.executable, "-m", "fly_replay_router.edge", "machine", "start", b, "--edge", fleet.url],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -150,7 +152,10 @@ def test_a_bad_fly_toml_is_reported(tmp_path: Path) -> None:
     bad = tmp_path / "fly.toml"
     bad.write_text("[http_service.http_options]\nidle_timeout = 'soon'\n")
     result = subprocess.run(
-        [sys.executable, "-m", "app.edge", "--fly-toml", str(bad)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "fly_replay_router.edge", "--fly-toml", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert str(bad) in result.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.edge.config import DEFAULT_IDLE_TIMEOUT, EdgeConfig, FlyToml, SessionCacheRule
+from fly_replay_router.edge.config import DEFAULT_IDLE_TIMEOUT, EdgeConfig, FlyToml, SessionCacheRule
 
 RULE = "[[http_service.http_options.replay_cache]]"
 GOOD = """

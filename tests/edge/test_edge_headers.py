@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.edge.headers import response_headers
+from fly_replay_router.edge.headers import response_headers
 
 
 def test_response_hop_by_hop_and_proxy_instructions_are_dropped() -> None:

@@ -97,7 +97,7 @@ def test_cli_verbs_suspend_and_resume(probes: FleetProcess) -> None:
     a = probes.status()["machines"][0]["id"]
     for verb, state in (("suspend", "suspended"), ("resume", "started")):
         result = subprocess.run(
-            [sys.executable, "-m", "app.edge", "machine", verb, a, "--edge", probes.url],
+            [sys.executable, "-m", "fly_replay_router.edge", "machine", verb, a, "--edge", probes.url],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -1,4 +1,4 @@
-"""End to end: the official MCP client through ``python -m app.edge --machines 3`` (the demo app).
+"""End to end: the official MCP client through ``python -m fly_replay_router.edge --machines 3`` (the demo app).
 
 Every call of a session must be answered by the machine that holds it, whatever machine the
 random balancer picked first; the edge's replays make that so.

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from app import fly
+from fly_replay_router import fly
 from tests.edge.edge_probe import dead_url
 
 pytestmark = pytest.mark.anyio

@@ -21,7 +21,7 @@ from typing import IO
 
 import aiohttp
 
-from app.edge.machine import Machine, MachineStartError
+from fly_replay_router.edge.machine import Machine, MachineStartError
 
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

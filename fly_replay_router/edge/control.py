@@ -17,11 +17,11 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from app.edge.machine import Machine, MachineControlError, MachineStartError
-from app.edge.page import send_static, stream_feed
+from fly_replay_router.edge.machine import Machine, MachineControlError, MachineStartError
+from fly_replay_router.edge.page import send_static, stream_feed
 
 if TYPE_CHECKING:
-    from app.edge.proxy import EdgeProxy
+    from fly_replay_router.edge.proxy import EdgeProxy
 
 EDGE_PREFIX = "/_edge/"
 MACHINE_VERBS = ("stop", "start", "suspend", "resume", "kill")

@@ -1,9 +1,9 @@
-"""``python -m app.edge``: a local fleet of machines behind a simulated Fly edge proxy.
+"""``python -m fly_replay_router.edge``: a local fleet of machines behind a simulated Fly edge proxy.
 
 Starts N ``uvicorn`` machines (``app.main:app`` by default), puts the edge in front of them on
 ``--port``, prints what it started, and runs until Ctrl-C or SIGTERM, which stop the edge and every
-machine it started (suspended ones included). The live page is at ``/_edge/``. ``python -m app.edge
-machine stop|start|suspend|resume|kill ID`` and ``python -m app.edge status`` talk to a running edge.
+machine it started (suspended ones included). The live page is at ``/_edge/``. ``python -m fly_replay_router.edge
+machine stop|start|suspend|resume|kill ID`` and ``python -m fly_replay_router.edge status`` talk to a running edge.
 """
 
 from __future__ import annotations
@@ -25,22 +25,28 @@ from pathlib import Path
 
 import uvloop
 
-from app import fly
-from app.edge.config import DEFAULT_APP_NAME, DEFAULT_AUTOSTOP_INTERVAL, DEFAULT_REGION, EdgeConfig, FlyToml
-from app.edge.control import MACHINE_VERBS
-from app.edge.fleet import Fleet, FleetSpec
-from app.edge.machine import MachineStartError
-from app.edge.proxy import EdgeProxy
-from app.edge.serve import edge_server
+from fly_replay_router import fly
+from fly_replay_router.edge.config import (
+    DEFAULT_APP_NAME,
+    DEFAULT_AUTOSTOP_INTERVAL,
+    DEFAULT_REGION,
+    EdgeConfig,
+    FlyToml,
+)
+from fly_replay_router.edge.control import MACHINE_VERBS
+from fly_replay_router.edge.fleet import Fleet, FleetSpec
+from fly_replay_router.edge.machine import MachineStartError
+from fly_replay_router.edge.proxy import EdgeProxy
+from fly_replay_router.edge.serve import edge_server
 
 DEFAULT_EDGE = "http://127.0.0.1:8080"
-logger = logging.getLogger("app.edge")
+logger = logging.getLogger("fly_replay_router.edge")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, with a ``--help`` that explains every option."""
     parser = argparse.ArgumentParser(
-        prog="python -m app.edge",
+        prog="python -m fly_replay_router.edge",
         description=(
             "Run a local fleet of machines behind a simulated Fly edge proxy, so that session affinity "
             "with fly-replay can be seen and tested without a Fly account."
@@ -271,7 +277,7 @@ def _banner(fleet: Fleet, config: EdgeConfig, plan: _Plan, edge_url: str) -> str
         f"MCP:      {edge_url}/mcp   (legacy SSE: {edge_url}/sse)",
         f"page:     {edge_url}/_edge/   (live view of machines, sessions and replays)",
         f"status:   {edge_url}/_edge/status",
-        f"control:  python -m app.edge machine stop|start|suspend|resume|kill <id> --edge {edge_url}",
+        f"control:  python -m fly_replay_router.edge machine stop|start|suspend|resume|kill <id> --edge {edge_url}",
         f"fly.toml: {source}; idle_timeout {config.idle_timeout:g}s; replay cache: {rules or 'none'}",
         f"autostop: {_autostop_line(config)}",
         f"stop:     Ctrl-C (or kill -TERM {os.getpid()}) stops the edge and every machine it started",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.affinity.token import InvalidToken, TokenCodec
+from fly_replay_router.affinity.token import InvalidToken, TokenCodec
 
 
 @dataclass(frozen=True, slots=True)

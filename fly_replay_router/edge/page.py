@@ -1,6 +1,6 @@
 """The live edge page: ``GET /_edge/`` (HTML), ``/_edge/static/<file>`` (its JS and CSS), ``/_edge/events`` (SSE).
 
-No build step and no CDN: three files shipped in the package (``app/edge/static/``). The feed is
+No build step and no CDN: three files shipped in the package (``fly_replay_router/edge/static/``). The feed is
 cheap whatever the request rate: every ``FEED_INTERVAL`` seconds each open page gets one ``data:``
 message holding the status document (``EdgeStatus.to_json``) with at most ``FEED_ROUTES`` of the
 newest routing events since its previous message, and a count of those left out. At 1,000
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.edge.proxy import EdgeProxy
+    from fly_replay_router.edge.proxy import EdgeProxy
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Only these files are served: nothing else under the package can be reached by a path.

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app import fly
+from fly_replay_router import fly
 
 HOP_BY_HOP = frozenset(
     {

@@ -30,11 +30,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from app.edge.config import EdgeConfig
-from app.edge.fleet import Fleet
-from app.edge.machine import Machine, MachineControlError
+from fly_replay_router.edge.config import EdgeConfig
+from fly_replay_router.edge.fleet import Fleet
+from fly_replay_router.edge.machine import Machine, MachineControlError
 
-logger = logging.getLogger("app.edge")
+logger = logging.getLogger("fly_replay_router.edge")
 
 
 def machine_to_stop(machines: list[Machine], config: EdgeConfig, now: float) -> Machine | None:

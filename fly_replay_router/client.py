@@ -1,9 +1,9 @@
 """Example client: open MCP sessions against a fleet and show which machine answered each call.
 
-``python -m app.client`` runs against the local fleet (``python -m app.edge``) by default. Each
-session calls ``whoami`` and ``count`` a few times with the official MCP client: with affinity,
-every call of a session is answered by one machine and the count goes 1, 2, 3 without gaps,
-whichever machine the balancer picked first.
+``fly-replay-client`` (``python -m fly_replay_router.client``) runs against the local fleet
+(``fly-replay-edge``) by default. Each session calls ``whoami`` and ``count`` a few times with
+the official MCP client: with affinity, every call of a session is answered by one machine and
+the count goes 1, 2, 3 without gaps, whichever machine the balancer picked first.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import anyio
-import httpx
-import httpx2
-from mcp import Client
-from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
+try:
+    import anyio
+    import httpx
+    import httpx2
+    from mcp import Client
+    from mcp.client.sse import sse_client
+    from mcp.client.streamable_http import streamable_http_client
+except ImportError as exc:  # the demo extra is missing, or the project is on the SDK's 1.x line
+    raise SystemExit(
+        f"the example client needs the official MCP SDK 2.x ({exc}): pip install 'fly-replay-router[demo]'"
+    ) from None
 
 
 def _text(result: Any) -> str:
@@ -83,7 +88,7 @@ async def main_async(url: str, sessions: int, calls: int, transport: str, pause:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the sessions; exit status 1 if any session did not stick."""
-    parser = argparse.ArgumentParser(prog="python -m app.client", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fly_replay_router.client", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the fleet's base URL (default: %(default)s)")
     parser.add_argument("--sessions", type=int, default=3, help="sessions to open, one after another (default: 3)")
     parser.add_argument("--calls", type=int, default=3, help="whoami + count calls per session (default: 3)")
@@ -111,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return anyio.run(main_async, base, args.sessions, args.calls, args.transport, args.pause)
     except* (httpx2.HTTPError, OSError) as group:  # the SDK raises from inside task groups
         unreachable.extend(group.exceptions)
-    print(f"cannot reach {base}: {unreachable[0]} (is the fleet running? python -m app.edge)", file=sys.stderr)
+    print(
+        f"cannot reach {base}: {unreachable[0]} (is the fleet running? python -m fly_replay_router.edge)",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -17,9 +17,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
-from starlette.types import Receive, Scope, Send
 
-logger = logging.getLogger("app.affinity")
+from fly_replay_router.asgi import Receive, Scope, Send
+
+logger = logging.getLogger("fly_replay_router.affinity")
 
 FORWARDED_FROM = b"affinity-forwarded-from"
 # Fly's replay buffer: a body larger than this, or of unknown length, cannot be replayed.

@@ -1,7 +1,7 @@
 """Which machine owns which open MCP session, as far as the edge can see from the outside.
 
 The affinity layer names a session's owner in its token: the part before the first ``.`` is the
-owner machine's id (``app/affinity/token.py``). The edge watches for tokens without reading
+owner machine's id (``fly_replay_router/affinity/token.py``). The edge watches for tokens without reading
 bodies, except the first bytes of a legacy ``/sse`` stream:
 
 - a response carrying an ``Mcp-Session-Id`` the request did not carry opens a session;

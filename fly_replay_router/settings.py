@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from app.fly import MACHINE_ID_PATTERN, ReplayInstruction, parse_duration
+from fly_replay_router.fly import MACHINE_ID_PATTERN, ReplayInstruction, parse_duration
 
-logger = logging.getLogger("app.settings")
+logger = logging.getLogger("fly_replay_router.settings")
 
 Failover = Literal["safe", "cached", "prefer"]
 MIN_SECRET_LENGTH = 16
@@ -39,7 +39,7 @@ class AffinitySettings:
     - ``peer_urls``: explicit ``(machine_id, base URL)`` pairs that win over the template (the local
       fleet sets them).
     - ``allowed_hosts``: extra ``Host`` values the MCP server accepts (``example.com``, or
-      ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``app.hosts``.
+      ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``fly_replay_router.hosts``.
     """
 
     machine_id: str

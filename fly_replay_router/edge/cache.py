@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 
-from app.edge.config import MIN_CACHE_TTL_SECONDS, SessionCacheRule
+from fly_replay_router.edge.config import MIN_CACHE_TTL_SECONDS, SessionCacheRule
 
 # The client's opt-out, honoured only by rules with allow_bypass = true.
 BYPASS_VALUE = "skip"

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from app.edge.headers import Headers
-from app.edge.machine import Machine
+from fly_replay_router.edge.headers import Headers
+from fly_replay_router.edge.machine import Machine
 
 Receive = Callable[[], Any]
 

@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from app import fly
-from app.edge.headers import ClientRequest, Headers, replace_headers
-from app.edge.machine import Machine, MachineStartError
-from app.edge.upstream import ConnectFailed, RequestBody, send_upstream
+from fly_replay_router import fly
+from fly_replay_router.edge.headers import ClientRequest, Headers, replace_headers
+from fly_replay_router.edge.machine import Machine, MachineStartError
+from fly_replay_router.edge.upstream import ConnectFailed, RequestBody, send_upstream
 
 if TYPE_CHECKING:
-    from app.edge.proxy import EdgeProxy
+    from fly_replay_router.edge.proxy import EdgeProxy
 
-logger = logging.getLogger("app.edge")
+logger = logging.getLogger("fly_replay_router.edge")
 
 _RETRY_PAUSE = 0.1
 # How often a queued request looks for room again.

@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from app import fly
-from app.edge.cache import CacheLookup
-from app.edge.headers import ClientRequest, Headers, replace_headers
-from app.edge.machine import Machine
-from app.edge.targets import Dispatcher, EdgeError, RoutingFailure
-from app.edge.upstream import ConnectFailed, RequestBody, finish_upstream
+from fly_replay_router import fly
+from fly_replay_router.edge.cache import CacheLookup
+from fly_replay_router.edge.headers import ClientRequest, Headers, replace_headers
+from fly_replay_router.edge.machine import Machine
+from fly_replay_router.edge.targets import Dispatcher, EdgeError, RoutingFailure
+from fly_replay_router.edge.upstream import ConnectFailed, RequestBody, finish_upstream
 
 if TYPE_CHECKING:
-    from app.edge.proxy import EdgeProxy
+    from fly_replay_router.edge.proxy import EdgeProxy
 
-logger = logging.getLogger("app.edge")
+logger = logging.getLogger("fly_replay_router.edge")
 
 # Enough for a JSON replay instruction; fly.parse_replay_json refuses anything longer.
 _MAX_INSTRUCTION_BODY = 16 * fly.MAX_HEADER_VALUE + 1

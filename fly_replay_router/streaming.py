@@ -9,9 +9,8 @@ Reference: Fly "Content Encoding with the Fly Proxy"; ``shared/reference/fly-pro
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.affinity.sse import is_event_stream
+from fly_replay_router.affinity.sse import is_event_stream
+from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 
 
 class UncompressedStreamsMiddleware:

@@ -11,8 +11,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from app.edge.fleet import Fleet
-from app.edge.sessions import SessionBook
+from fly_replay_router.edge.fleet import Fleet
+from fly_replay_router.edge.sessions import SessionBook
 
 # The page shows the last routing events; 500 kept covers several refreshes at 1,000 requests/s
 # even though only the newest are sent.

@@ -22,20 +22,20 @@ from typing import Any
 
 import aiohttp
 
-from app.edge.autostop import Autostop, cancel
-from app.edge.cache import ReplayCache
-from app.edge.config import EdgeConfig
-from app.edge.control import EDGE_PREFIX, handle_control
-from app.edge.fleet import Fleet
-from app.edge.headers import read_client_request, response_headers
-from app.edge.machine import Machine, MachineState
-from app.edge.routing import Router
-from app.edge.sessions import SSE_PEEK_BYTES, endpoint_session
-from app.edge.status import EdgeStatus
-from app.edge.targets import EdgeError
-from app.edge.upstream import ClientGone, RequestBody, finish_upstream
+from fly_replay_router.edge.autostop import Autostop, cancel
+from fly_replay_router.edge.cache import ReplayCache
+from fly_replay_router.edge.config import EdgeConfig
+from fly_replay_router.edge.control import EDGE_PREFIX, handle_control
+from fly_replay_router.edge.fleet import Fleet
+from fly_replay_router.edge.headers import read_client_request, response_headers
+from fly_replay_router.edge.machine import Machine, MachineState
+from fly_replay_router.edge.routing import Router
+from fly_replay_router.edge.sessions import SSE_PEEK_BYTES, endpoint_session
+from fly_replay_router.edge.status import EdgeStatus
+from fly_replay_router.edge.targets import EdgeError
+from fly_replay_router.edge.upstream import ClientGone, RequestBody, finish_upstream
 
-logger = logging.getLogger("app.edge")
+logger = logging.getLogger("fly_replay_router.edge")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -46,7 +46,7 @@ class EdgeProxy:
     """The edge in front of ``fleet``: an ASGI app to run under uvicorn.
 
     ``EdgeProxy(Fleet.from_backends({"148e272a6d4689": "http://127.0.0.1:9001"}), EdgeConfig())``
-    puts machines started elsewhere behind it; ``python -m app.edge`` starts a fleet first.
+    puts machines started elsewhere behind it; ``python -m fly_replay_router.edge`` starts a fleet first.
     """
 
     def __init__(

@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.edge.machine import Machine, MachineControlError, MachineState, new_machine_id
-from app.edge.process import log_tail, signal_group, spawn, wait_healthy
+from fly_replay_router.edge.machine import Machine, MachineControlError, MachineState, new_machine_id
+from fly_replay_router.edge.process import log_tail, signal_group, spawn, wait_healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +243,7 @@ class Fleet:
     def _environment(self, machine: Machine) -> dict[str, str]:
         peers = ",".join(f"{m.id}={m.url}" for m in self.machines.values())
         # The shell's environment wins over fly.toml's [env], as `fly secrets` do on Fly: so
-        # `AFFINITY_FAILOVER=cached python -m app.edge` means what it says.
+        # `AFFINITY_FAILOVER=cached python -m fly_replay_router.edge` means what it says.
         env = {**dict(self.spec.env), **os.environ}
         env.update(
             FLY_MACHINE_ID=machine.id,

@@ -16,21 +16,18 @@ restart); Fly "Dynamic request routing" (``fly-replay``); ``shared/reference/*.m
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from urllib.parse import unquote
 
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.affinity.decision import Arrival, Forward, Reject, Replay, decide
-from app.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
-from app.affinity.metrics import DecisionCounts
-from app.affinity.sse import EndpointEventRewriter, is_event_stream
-from app.affinity.token import TokenCodec
-from app.fly import (
+from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, decide
+from fly_replay_router.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
+from fly_replay_router.affinity.metrics import DecisionCounts
+from fly_replay_router.affinity.sse import EndpointEventRewriter, is_event_stream
+from fly_replay_router.affinity.token import TokenCodec
+from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
+from fly_replay_router.fly import (
     FLY_PREFERRED_INSTANCE_UNAVAILABLE,
     FLY_REPLAY,
     FLY_REPLAY_FAILED,
@@ -38,12 +35,16 @@ from app.fly import (
     FLY_REQUEST_ID,
     parse_replay_src,
 )
-from app.settings import AffinitySettings
+from fly_replay_router.protocol import (
+    HANDSHAKE_PROTOCOL_VERSIONS,
+    MCP_PROTOCOL_VERSION,
+    MCP_SESSION_ID,
+    SESSION_NOT_FOUND_BODY,
+)
+from fly_replay_router.settings import AffinitySettings
 
-logger = logging.getLogger("app.affinity")
+logger = logging.getLogger("fly_replay_router.affinity")
 
-MCP_SESSION_ID = b"mcp-session-id"
-MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
 _HANDSHAKE_VERSIONS = frozenset(version.encode("ascii") for version in HANDSHAKE_PROTOCOL_VERSIONS)
 _FLY_REPLAY_SRC = FLY_REPLAY_SRC.encode("ascii")
 _FLY_REPLAY_FAILED = FLY_REPLAY_FAILED.encode("ascii")
@@ -52,11 +53,6 @@ _FLY_REQUEST_ID = FLY_REQUEST_ID.encode("ascii")
 _ROUTING_HEADERS = frozenset({_FLY_REPLAY_SRC, _FLY_REPLAY_FAILED, _FLY_PREFERRED_UNAVAILABLE, FORWARDED_FROM})
 _LEGACY_SESSION_PARAM = re.compile(rb"(?:^|&)session_id=([^&]*)")
 
-# The same body the SDK sends for an unknown session (JSON-RPC "Invalid Request", no id).
-SESSION_NOT_FOUND_BODY = json.dumps(
-    {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}},
-    separators=(",", ":"),
-).encode("utf-8")
 _NOT_FOUND_HEADERS = [
     (b"content-type", b"application/json"),
     (b"content-length", str(len(SESSION_NOT_FOUND_BODY)).encode("ascii")),

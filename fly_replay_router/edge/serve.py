@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import uvicorn
 
-from app.edge.proxy import EdgeProxy
+from fly_replay_router.edge.proxy import EdgeProxy
 
 
 class EdgeServer(uvicorn.Server):

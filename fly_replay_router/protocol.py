@@ -1,0 +1,25 @@
+"""Facts of the MCP protocol that the layer and the edge both rely on; no SDK is imported.
+
+Reference: MCP specification, "Transports" (https://modelcontextprotocol.io/specification/2025-11-25/basic/transports):
+session management with ``Mcp-Session-Id``, the ``MCP-Protocol-Version`` header, 404 for an unknown
+session; and the 2024-11-05 "HTTP with SSE" transport (the ``endpoint`` event and its
+``session_id`` query parameter).
+"""
+
+from __future__ import annotations
+
+import json
+
+MCP_SESSION_ID = b"mcp-session-id"
+MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
+
+# Protocol revisions that open a session with the initialize handshake. Later revisions
+# (2026-07-28 on) are sessionless. Kept here rather than imported from an SDK, so that the layer
+# runs in front of any SDK line without pinning one.
+HANDSHAKE_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+
+# The body the official SDK sends for an unknown session (JSON-RPC "Invalid Request", no id).
+SESSION_NOT_FOUND_BODY = json.dumps(
+    {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}},
+    separators=(",", ":"),
+).encode("utf-8")
