@@ -26,6 +26,8 @@ except ImportError as exc:  # the demo extra is missing, or the project is on th
         f"the example client needs the official MCP SDK 2.x ({exc}): pip install 'fly-replay-router[demo]'"
     ) from None
 
+from fly_replay_router.protocol import owner_of
+
 
 def _text(result: Any) -> str:
     return str(result.content[0].text)
@@ -51,7 +53,7 @@ async def run_session(number: int, url: str, transport: str, calls: int, pause: 
             connection = streamable_http_client(f"{url}/mcp", http_client=http)
         async with Client(connection, mode="legacy") as client:
             token = tokens[0] if tokens else "?"
-            print(f"session {number}: token {token[:28]}...  (owner {token.split('.', 1)[0]})")
+            print(f"session {number}: token {token[:28]}...  (owner {owner_of(token)})")
             machines, counts = set(), []
             for call in range(1, calls + 1):
                 if call > 1:

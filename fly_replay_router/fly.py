@@ -50,6 +50,17 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_DURATION_SECONDS = 24 * 3600
 # A header value longer than this is not a replay instruction anyone meant to send.
 MAX_HEADER_VALUE = 4096
+# Fly's proxy buffers at most this much of a request body for a replay; a larger body, or one of
+# unknown length (chunked), cannot be replayed (error PA01).
+REPLAY_BODY_LIMIT = 1024 * 1024
+# RFC 9110 section 7.6.1: meaningful for one connection only, so never passed on by a proxy. Also
+# "expect": whoever reads the body (the edge, or the layer forwarding it) answers 100-continue itself.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "transfer-encoding", "upgrade", "expect"}
+)  # fmt: skip
+# The region of a machine outside Fly (the layer's logs, the local fleet): a code shaped like Fly's.
+DEFAULT_REGION = "lcl"
 
 
 class InvalidReplay(ValueError):

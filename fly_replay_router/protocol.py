@@ -9,6 +9,7 @@ session; and the 2024-11-05 "HTTP with SSE" transport (the ``endpoint`` event an
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 MCP_SESSION_ID = b"mcp-session-id"
 MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
@@ -18,8 +19,26 @@ MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
 # runs in front of any SDK line without pinning one.
 HANDSHAKE_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 
+
+def owner_of(token: str) -> str:
+    """The machine a session token of this project *names* (the part before its first ``.``).
+
+    Unverified: for display and bookkeeping (the edge's page, the example client) only. Routing
+    trusts an owner only after ``TokenCodec.verify``.
+    """
+    return token.split(".", 1)[0]
+
+
 # The body the official SDK sends for an unknown session (JSON-RPC "Invalid Request", no id).
 SESSION_NOT_FOUND_BODY = json.dumps(
     {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}},
     separators=(",", ":"),
 ).encode("utf-8")
+
+
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """The headers declare ``Content-Type: text/event-stream`` (the media type is case-insensitive, RFC 9110 8.3.1)."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fly_replay_router.fly import MACHINE_ID_PATTERN, ReplayInstruction, parse_duration
+from fly_replay_router.fly import DEFAULT_REGION, MACHINE_ID_PATTERN, ReplayInstruction, parse_duration
 
 logger = logging.getLogger("fly_replay_router.settings")
 
@@ -45,7 +45,7 @@ class AffinitySettings:
     machine_id: str
     secret_keys: tuple[str, ...]
     app_name: str = "local-mcp"
-    region: str = "local"
+    region: str = DEFAULT_REGION
     max_token_age: float | None = None
     failover: Failover = "safe"
     replay_timeout: float = 5.0
@@ -124,7 +124,7 @@ class AffinitySettings:
             machine_id=machine_id,
             secret_keys=secret_keys,
             app_name=env.get("FLY_APP_NAME", "").strip() or "local-mcp",
-            region=env.get("FLY_REGION", "").strip() or "local",
+            region=env.get("FLY_REGION", "").strip() or DEFAULT_REGION,
             max_token_age=_seconds("AFFINITY_MAX_TOKEN_AGE", max_age) if max_age else None,
             failover=env.get("AFFINITY_FAILOVER", "safe").strip() or "safe",  # type: ignore[arg-type]  # validated
             replay_timeout=_seconds("AFFINITY_REPLAY_TIMEOUT", timeout) if timeout else 5.0,

@@ -9,8 +9,8 @@ Reference: Fly "Content Encoding with the Fly Proxy"; ``shared/reference/fly-pro
 
 from __future__ import annotations
 
-from fly_replay_router.affinity.sse import is_event_stream
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
+from fly_replay_router.protocol import is_event_stream
 
 
 class UncompressedStreamsMiddleware:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fly_replay_router.affinity.forward import REPLAY_BODY_LIMIT, body_replayable
+from fly_replay_router.affinity.forward import body_replayable
+from fly_replay_router.fly import REPLAY_BODY_LIMIT
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import pytest
 from mcp.server.streamable_http_manager import _error_response
 
 from fly_replay_router import AffinityMiddleware, AffinitySettings
-from fly_replay_router.affinity.middleware import SESSION_NOT_FOUND_BODY
 from fly_replay_router.affinity.token import TokenCodec
+from fly_replay_router.protocol import SESSION_NOT_FOUND_BODY
 
 HERE = "aaaaaaaaaaaaaa"
 OTHER = "bbbbbbbbbbbbbb"

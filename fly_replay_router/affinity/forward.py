@@ -18,18 +18,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from fly_replay_router import fly
 from fly_replay_router.asgi import Receive, Scope, Send
 
 logger = logging.getLogger("fly_replay_router.affinity")
 
 FORWARDED_FROM = b"affinity-forwarded-from"
-# Fly's replay buffer: a body larger than this, or of unknown length, cannot be replayed.
-REPLAY_BODY_LIMIT = 1024 * 1024
-# RFC 9110 section 7.6.1: meaningful for one connection only, never passed on.
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-     b"transfer-encoding", b"upgrade", b"proxy-connection"}
-)  # fmt: skip
+HOP_BY_HOP = frozenset(name.encode("ascii") for name in fly.HOP_BY_HOP)
 
 
 def body_replayable(content_length: bytes | None, chunked: bool) -> bool:
@@ -38,7 +33,7 @@ def body_replayable(content_length: bytes | None, chunked: bool) -> bool:
         return False
     if content_length is None:
         return True
-    return content_length.isdigit() and int(content_length) <= REPLAY_BODY_LIMIT
+    return content_length.isdigit() and int(content_length) <= fly.REPLAY_BODY_LIMIT
 
 
 class OwnerForwarder:

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, decide
 from fly_replay_router.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
 from fly_replay_router.affinity.metrics import DecisionCounts
-from fly_replay_router.affinity.sse import EndpointEventRewriter, is_event_stream
+from fly_replay_router.affinity.sse import EndpointEventRewriter
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 from fly_replay_router.fly import (
@@ -40,6 +40,7 @@ from fly_replay_router.protocol import (
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
     SESSION_NOT_FOUND_BODY,
+    is_event_stream,
 )
 from fly_replay_router.settings import AffinitySettings
 

@@ -12,7 +12,7 @@ Reference: HTML "Server-sent events" (an event ends at a blank line; lines end i
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 MAX_SCAN_BYTES = 16 * 1024
 
@@ -20,14 +20,6 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _ENDPOINT_LINE = re.compile(rb"^event:[ ]?endpoint[\r\n]", re.MULTILINE)
 _NAMED_EVENT_LINE = re.compile(rb"^(?:event|data):", re.MULTILINE)
 _SESSION_PARAM = re.compile(rb"([?&]session_id=)([^&#\r\n]+)")
-
-
-def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """The response headers declare ``Content-Type: text/event-stream``."""
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
 
 
 class EndpointEventRewriter:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fly_replay_router import fly
+
 # Fly's documented default for HTTP connections with no traffic (fly-proxy.md, "idle_timeout").
 DEFAULT_IDLE_TIMEOUT = 60.0
-DEFAULT_REGION = "lcl"
+DEFAULT_REGION = fly.DEFAULT_REGION
 DEFAULT_APP_NAME = "local-mcp"
 # Fly refuses replay cache TTLs under ten seconds.
 MIN_CACHE_TTL_SECONDS = 10
@@ -78,7 +80,7 @@ class EdgeConfig:
     region_aliases: tuple[str, ...] = ("local", DEFAULT_REGION)
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     replay_cache: tuple[SessionCacheRule, ...] = ()
-    max_body: int = 1024 * 1024
+    max_body: int = fly.REPLAY_BODY_LIMIT
     max_replays: int = 10
     default_replay_timeout: float = 5.0
     balance: Literal["random", "round-robin", "least-requests"] = "random"

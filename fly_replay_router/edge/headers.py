@@ -16,21 +16,7 @@ from typing import Any
 
 from fly_replay_router import fly
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        # The edge answers "Expect: 100-continue" itself (uvicorn does, when the body is read).
-        "expect",
-    }
-)
+HOP_BY_HOP = fly.HOP_BY_HOP
 # Headers only the proxy may set on a request. The routing headers a client may send are read
 # by the edge and not passed on (unspecified by Fly; an app has no use for them).
 PROXY_OWNED = frozenset(

@@ -19,15 +19,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from fly_replay_router.protocol import owner_of
+
 # The endpoint event of the legacy HTTP+SSE transport carries the session in its query.
 _ENDPOINT_SESSION = re.compile(rb"session_id=([A-Za-z0-9_.\-]{1,256})")
 # Generous: the endpoint event is the stream's first event and is short.
 SSE_PEEK_BYTES = 4096
-
-
-def owner_of(token: str) -> str:
-    """The owner machine id a token names (the part before the first ``.``)."""
-    return token.split(".", 1)[0]
 
 
 def endpoint_session(chunk: bytes) -> str | None:
