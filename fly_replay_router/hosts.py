@@ -20,14 +20,25 @@ if TYPE_CHECKING:
 LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")
 
 
-def transport_security(settings: AffinitySettings) -> TransportSecuritySettings:
-    """Allow loopback, ``<app_name>.fly.dev`` and ``settings.allowed_hosts``, with their origins.
+def allowed_hosts(settings: AffinitySettings) -> list[str]:
+    """Loopback, ``<app_name>.fly.dev`` and ``settings.allowed_hosts``: the ``Host`` values to accept.
 
-    For the official SDK (mcp 1.x and 2.x), which is imported only when this is called.
+    For any SDK that takes a list (PrefectHQ FastMCP's ``http_app(allowed_hosts=...)``, say).
+    """
+    public = f"{settings.app_name}.fly.dev"
+    return [*LOOPBACK_HOSTS, public, f"{public}:*", *settings.allowed_hosts]
+
+
+def allowed_origins(settings: AffinitySettings) -> list[str]:
+    """The ``Origin`` values that go with ``allowed_hosts``: each host over https and http."""
+    return [f"{scheme}://{host}" for host in allowed_hosts(settings) for scheme in ("https", "http")]
+
+
+def transport_security(settings: AffinitySettings) -> TransportSecuritySettings:
+    """The official SDK's ``TransportSecuritySettings`` (mcp 1.x and 2.x) for ``allowed_hosts``.
+
+    The SDK is imported only when this is called.
     """
     from mcp.server.transport_security import TransportSecuritySettings
 
-    public = f"{settings.app_name}.fly.dev"
-    hosts = [*LOOPBACK_HOSTS, public, f"{public}:*", *settings.allowed_hosts]
-    origins = [f"{scheme}://{host}" for host in hosts for scheme in ("https", "http")]
-    return TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
+    return TransportSecuritySettings(allowed_hosts=allowed_hosts(settings), allowed_origins=allowed_origins(settings))

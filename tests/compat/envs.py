@@ -1,0 +1,82 @@
+"""User environments for the compatibility matrix: a venv per SDK, reused between runs.
+
+Each environment is what a user's project has before adding this library (an MCP SDK, FastAPI,
+uvicorn); the built wheel is then installed into it the way a user would, dependencies and all.
+An environment is rebuilt only when its requirements change; the wheel is reinstalled every run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENVS = ROOT / ".compat-envs"
+
+
+@dataclass(frozen=True)
+class UserProject:
+    """A user's project: its requirements, and the SDK distribution whose version must not move."""
+
+    name: str
+    requirements: tuple[str, ...]
+    sdk: str
+
+    @property
+    def path(self) -> Path:
+        return ENVS / self.name
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+    def script(self, name: str) -> Path:
+        return self.path / "bin" / name
+
+
+def run(command: list[str], **kwargs: object) -> str:
+    """Run ``command``; on failure raise with everything it printed."""
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, command))} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+        )
+    return str(result.stdout)
+
+
+def build_wheel(out: Path) -> Path:
+    """The project's wheel, built as ``pip wheel`` builds it for a user."""
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)])
+    return next(out.glob("fly_replay_router-*.whl"))
+
+
+def prepared(project: UserProject) -> UserProject:
+    """The project's environment, created (or rebuilt, if its requirements changed) with its own packages."""
+    marker = project.path / "requirements.txt"
+    spec = "\n".join(project.requirements) + "\n"
+    if not (marker.exists() and marker.read_text() == spec and project.python.exists()):
+        shutil.rmtree(project.path, ignore_errors=True)
+        run([sys.executable, "-m", "venv", str(project.path)])
+        run([str(project.python), "-m", "pip", "install", "-q", *project.requirements])
+        marker.write_text(spec)
+    return project
+
+
+def installed_version(project: UserProject, distribution: str) -> str | None:
+    """The version of ``distribution`` in the project's environment, or None."""
+    code = (
+        "import importlib.metadata as m, sys\n"
+        f"try: print(m.version({distribution!r}))\n"
+        "except m.PackageNotFoundError: print('-')"
+    )
+    found = run([str(project.python), "-c", code]).strip()
+    return None if found == "-" else found
+
+
+def install_wheel(project: UserProject, wheel: Path, extras: str = "edge") -> None:
+    """``pip install <wheel>[extras]`` into the project, replacing an earlier build of it."""
+    run([str(project.python), "-m", "pip", "uninstall", "-q", "-y", "fly-replay-router"])
+    run([str(project.python), "-m", "pip", "install", "-q", f"{wheel}[{extras}]"])

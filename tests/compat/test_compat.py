@@ -1,0 +1,132 @@
+"""Each SDK a user may have, with the built wheel installed beside it, through the local fleet.
+
+Per entry: the SDK's version is the one the user installed (installing this library moved
+nothing), and 10 sessions x 5 calls of that SDK's own client, through ``fly-replay-edge`` with two
+machines and random balancing, each stay on one machine with their count going 1, 2, 3 ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fly_replay_router.protocol import owner_of
+from tests.compat.envs import ROOT, UserProject, build_wheel, install_wheel, installed_version, prepared, run
+
+HERE = Path(__file__).resolve().parent
+SESSIONS, CALLS = 10, 5
+
+MCP1 = UserProject("mcp1", ("mcp>=1.30,<2", "fastapi", "uvicorn"), sdk="mcp")
+MCP2 = UserProject("mcp2", ("mcp>=2.3,<3", "fastapi", "uvicorn"), sdk="mcp")
+FASTMCP = UserProject("fastmcp", ("fastmcp", "fastapi", "uvicorn"), sdk="fastmcp")
+
+
+@dataclass(frozen=True)
+class Entry:
+    project: UserProject
+    app: str  # module:attr, imported from the app directory
+    mcp_path: str
+    client: list[str]  # the client script and its transport arguments (URL, sessions, calls follow)
+    counts_per_session: bool = True  # False: the tool counts per machine (the README's example)
+
+
+ENTRIES = {
+    "mcp1-streamable": Entry(MCP1, "mcp1_notes:api", "/notes/mcp", ["mcp1_client.py", "{url}", "streamable"]),
+    "mcp1-sse": Entry(MCP1, "mcp1_notes:api", "/legacy/sse", ["mcp1_client.py", "{url}", "sse"]),
+    "mcp2-readme": Entry(MCP2, "my_server:api", "/notes/mcp", ["mcp2_client.py", "{url}"], counts_per_session=False),
+    "fastmcp": Entry(FASTMCP, "fastmcp_notes:api", "/notes/mcp", ["fastmcp_client.py", "{url}"]),
+}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def readme_example() -> str:
+    section = (ROOT / "README.md").read_text().split("## Mount it in your own FastAPI app", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "the README's mount section has no python block"
+    return match.group(1)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment a user's shell would have: none of this test run's Python settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["AFFINITY_SECRET"] = "compat-matrix-secret-0123456789"
+    return env
+
+
+@contextmanager
+def fleet(project: UserProject, app: str, app_dir: Path, mcp_path: str, log: Path) -> Iterator[str]:
+    """``fly-replay-edge`` from the project's environment, two machines of ``app``; yields the edge URL."""
+    command = [str(project.script("fly-replay-edge")), "--machines", "2", "--port", "0", "--app", app]
+    command += ["--app-dir", str(app_dir), "--mcp-path", mcp_path]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=app_dir, stdout=output, stderr=subprocess.STDOUT, env=clean_env())
+        try:
+            deadline = time.monotonic() + 90
+            while not (match := re.search(r"^edge: +(http://\S+)", log.read_text(errors="replace"), re.M)):
+                assert process.poll() is None, f"the edge exited:\n{log.read_text(errors='replace')}"
+                assert time.monotonic() < deadline, f"the edge never became ready:\n{log.read_text(errors='replace')}"
+                time.sleep(0.1)
+            yield match.group(1)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                assert process.wait(30) == 0, log.read_text(errors="replace")
+            finally:
+                if process.poll() is None:
+                    process.kill()
+
+
+def edge_status(url: str) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(f"{url}/_edge/status", timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", list(ENTRIES))
+def test_sessions_stick_with_the_users_own_sdk(name: str, wheel: Path, tmp_path: Path) -> None:
+    entry = ENTRIES[name]
+    project = prepared(entry.project)
+    sdk_before = installed_version(project, project.sdk)
+    assert sdk_before is not None
+    install_wheel(project, wheel)
+    assert installed_version(project, project.sdk) == sdk_before, "installing the wheel changed the user's SDK"
+
+    app_dir = HERE / "apps"
+    if entry.app.startswith("my_server:"):
+        app_dir = tmp_path / "project"
+        app_dir.mkdir()
+        (app_dir / "my_server.py").write_text(readme_example())
+    with fleet(project, entry.app, app_dir, entry.mcp_path, tmp_path / "edge.log") as edge:
+        client = [arg.replace("{url}", edge + entry.mcp_path) for arg in entry.client]
+        output = run([str(project.python), *client, str(SESSIONS), str(CALLS)], cwd=HERE / "clients", env=clean_env())
+        replays = edge_status(edge)["replays"]
+        machines = {machine["id"] for machine in edge_status(edge)["machines"]}
+    report = json.loads(output.strip().splitlines()[-1])
+
+    assert report["sdk_version"] == sdk_before
+    assert len(report["sessions"]) == SESSIONS
+    for calls in report["sessions"]:
+        counts = [count for _, count in calls]
+        first = 1 if entry.counts_per_session else counts[0]
+        assert counts == list(range(first, first + CALLS)), f"a session moved: {calls}"
+        assert len({machine for machine, _ in calls}) == 1, f"a session was answered by two machines: {calls}"
+        if calls[0][0]:
+            assert calls[0][0] in machines
+    assert len(report["tokens"]) == SESSIONS
+    assert all(owner_of(token) in machines for token in report["tokens"]), report["tokens"]
+    # Random balancing over two machines: many requests landed on the wrong one and were replayed.
+    assert replays > 0
