@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, Machine, running_pair
-from tests.mcp_http import client_recording_tokens
+from tests.mcp_http import client_recording_tokens, open_session
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +60,27 @@ async def test_the_snippet_serves_mcp_at_the_sub_path_with_affinity(snippet_mach
             )
         assert landed_on_b.status_code == 307
         assert landed_on_b.headers["fly-replay"].startswith(f"instance={machine_a.machine_id};")
+
+
+async def test_the_snippets_event_streams_are_uncompressed(snippet_machines: tuple[Machine, Machine]) -> None:
+    machine_a, _ = snippet_machines
+    url = f"{machine_a.url}/notes/mcp"
+    async with httpx.AsyncClient(timeout=10) as raw:
+        token = await open_session(raw, url)
+        headers = {"accept": "text/event-stream", "mcp-session-id": token, "mcp-protocol-version": "2025-11-25"}
+        async with raw.stream("GET", url, headers=headers) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.headers["content-encoding"] == "none"
+
+
+def test_the_snippet_on_fly_without_a_secret_stops_with_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "my_server.py").write_text(readme_snippet())
+    env = {k: v for k, v in os.environ.items() if k != "AFFINITY_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "my_server:api", "--port", "0"],
+        cwd=tmp_path, env={**env, "FLY_MACHINE_ID": "a1a1a1a1a1a1a1"}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "fly-replay-router cannot start: AFFINITY_SECRET is not set" in result.stderr
