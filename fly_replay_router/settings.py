@@ -17,6 +17,15 @@ Failover = Literal["safe", "cached", "prefer"]
 MIN_SECRET_LENGTH = 16
 # Fly's private network (6PN): every machine of an app, by id, on the Dockerfile's port.
 DEFAULT_PEER_URL_TEMPLATE = "http://{machine_id}.vm.{app_name}.internal:8080"
+# Sizing (measured with ``python -m tests.bench --only session_cost_kb_handshake_stream``): a
+# handshake-era session holding its GET event stream costs about 100 KB of RSS on the demo, an
+# abandoned one about 40 KB, a legacy SSE stream about 13 KB; the process itself about 80 MB.
+SESSION_COST_KB = 100
+PROCESS_BASELINE_MB = 100
+# The share of the VM's memory that sessions may fill: the rest is Python's own headroom (freed
+# memory is reused, not returned, so the peak is what the VM must hold).
+SESSION_MEMORY_SHARE = 0.75
+DEFAULT_SESSION_IDLE_TIMEOUT = 1800.0
 _SECRET_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
@@ -39,7 +48,13 @@ class AffinitySettings:
     - ``peer_urls``: explicit ``(machine_id, base URL)`` pairs that win over the template (the local
       fleet sets them).
     - ``allowed_hosts``: extra ``Host`` values the MCP server accepts (``example.com``, or
-      ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``fly_replay_router.hosts``.
+      ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``hosts``.
+    - ``max_sessions``: handshake-era sessions this process holds at most; a request for a new session
+      beyond it is sent to another machine (``None``: no cap). ``from_env`` sizes it to the VM's memory.
+    - ``max_legacy_sessions``: open legacy ``GET /sse`` streams (sessions) this process holds at most.
+    - ``session_idle_timeout``: seconds after which an idle session is gone (give the SDK the same).
+    - ``new_session_rate`` / ``new_session_burst``: new sessions one client (``Fly-Client-IP``) may open
+      per second after a burst; beyond it 429 with ``Retry-After`` (``None``: no limit).
     """
 
     machine_id: str
@@ -52,6 +67,11 @@ class AffinitySettings:
     peer_url_template: str = DEFAULT_PEER_URL_TEMPLATE
     peer_urls: tuple[tuple[str, str], ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    max_sessions: int | None = None
+    max_legacy_sessions: int | None = None
+    session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT
+    new_session_rate: float | None = 5.0
+    new_session_burst: int = 50
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -80,6 +100,16 @@ class AffinitySettings:
                 raise ValueError(f"peer {machine_id}={url} must be a machine id and an http(s) URL")
         if isinstance(self.allowed_hosts, str) or any(not host or "/" in host for host in self.allowed_hosts):
             raise ValueError("allowed_hosts must be a tuple of host names such as example.com or example.com:*")
+        for name in ("max_sessions", "max_legacy_sessions"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of sessions of at least 1, or None for no cap")
+        if not 0 < self.session_idle_timeout <= 7 * 24 * 3600:
+            raise ValueError("session_idle_timeout must be more than 0 seconds and at most a week")
+        if self.new_session_rate is not None and not 0 < self.new_session_rate <= 1_000_000:
+            raise ValueError("new_session_rate must be a positive number of sessions per second, or None for no limit")
+        if self.new_session_burst < 1:
+            raise ValueError("new_session_burst must be at least 1")
 
     def replay_instruction(self, owner_machine_id: str) -> ReplayInstruction:
         """The ``fly-replay`` instruction that sends a request to its session's owner."""
@@ -118,6 +148,10 @@ class AffinitySettings:
         if not machine_id:
             machine_id = secrets.token_hex(7)
             logger.warning("FLY_MACHINE_ID is not set (not on Fly): this process is machine %s", machine_id)
+        sized = sessions_for_memory(_number("FLY_VM_MEMORY_MB", env.get("FLY_VM_MEMORY_MB", "")))
+        rate = env.get("AFFINITY_NEW_SESSION_RATE", "").strip()
+        burst = _number("AFFINITY_NEW_SESSION_BURST", env.get("AFFINITY_NEW_SESSION_BURST", ""))
+        idle = env.get("AFFINITY_SESSION_IDLE_TIMEOUT", "").strip()
         max_age = env.get("AFFINITY_MAX_TOKEN_AGE", "").strip()
         timeout = env.get("AFFINITY_REPLAY_TIMEOUT", "").strip()
         return cls(
@@ -131,7 +165,51 @@ class AffinitySettings:
             peer_url_template=env.get("AFFINITY_PEER_URL", "").strip() or DEFAULT_PEER_URL_TEMPLATE,
             peer_urls=tuple(_peer(item) for item in _comma_list(env.get("AFFINITY_PEERS", ""))),
             allowed_hosts=_comma_list(env.get("AFFINITY_ALLOWED_HOSTS", "")),
+            max_sessions=_cap("AFFINITY_MAX_SESSIONS", env.get("AFFINITY_MAX_SESSIONS", ""), sized),
+            max_legacy_sessions=_cap(
+                "AFFINITY_MAX_LEGACY_SESSIONS", env.get("AFFINITY_MAX_LEGACY_SESSIONS", ""), sized
+            ),
+            session_idle_timeout=_seconds("AFFINITY_SESSION_IDLE_TIMEOUT", idle)
+            if idle
+            else DEFAULT_SESSION_IDLE_TIMEOUT,
+            new_session_rate=None if rate.lower() == "off" else (_number("AFFINITY_NEW_SESSION_RATE", rate) or 5.0),
+            new_session_burst=int(burst) if burst else 50,
         )
+
+
+def sessions_for_memory(memory_mb: float | None) -> int | None:
+    """The default session cap for a VM of ``memory_mb`` (Fly sets ``FLY_VM_MEMORY_MB``); None if unknown.
+
+    ``(memory x SESSION_MEMORY_SHARE - PROCESS_BASELINE_MB) / SESSION_COST_KB``: 512 MB holds 2,908
+    sessions that each keep an event stream open, 1 GB 6,840, 2 GB 14,704.
+    """
+    if not memory_mb:
+        return None
+    return max(100, int((memory_mb * SESSION_MEMORY_SHARE - PROCESS_BASELINE_MB) * 1024 / SESSION_COST_KB))
+
+
+def _number(name: str, text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}={text!r} must be a positive number")
+    return value
+
+
+def _cap(name: str, text: str, default: int | None) -> int | None:
+    text = text.strip().lower()
+    if not text:
+        return default
+    if text == "off":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text!r} must be a whole number of sessions, or off for no cap")
+    return int(text)
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

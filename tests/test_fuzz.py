@@ -520,6 +520,10 @@ class FrozenClock:
     def time() -> float:
         return NOW
 
+    @staticmethod
+    def monotonic() -> float:
+        return NOW
+
 
 @dataclass(frozen=True)
 class AsgiCase:

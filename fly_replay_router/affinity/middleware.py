@@ -16,11 +16,13 @@ restart); Fly "Dynamic request routing" (``fly-replay``); ``shared/reference/*.m
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from urllib.parse import unquote
 
+from fly_replay_router.affinity.capacity import FULL_STATE_PREFIX, Admission, Elsewhere, RateLimited, Refusal, full_hops
 from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, decide
 from fly_replay_router.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
 from fly_replay_router.affinity.metrics import DecisionCounts
@@ -28,11 +30,13 @@ from fly_replay_router.affinity.sse import EndpointEventRewriter
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 from fly_replay_router.fly import (
+    FLY_CLIENT_IP,
     FLY_PREFERRED_INSTANCE_UNAVAILABLE,
     FLY_REPLAY,
     FLY_REPLAY_FAILED,
     FLY_REPLAY_SRC,
     FLY_REQUEST_ID,
+    ReplayInstruction,
     parse_replay_src,
 )
 from fly_replay_router.protocol import (
@@ -51,6 +55,7 @@ _FLY_REPLAY_SRC = FLY_REPLAY_SRC.encode("ascii")
 _FLY_REPLAY_FAILED = FLY_REPLAY_FAILED.encode("ascii")
 _FLY_PREFERRED_UNAVAILABLE = FLY_PREFERRED_INSTANCE_UNAVAILABLE.encode("ascii")
 _FLY_REQUEST_ID = FLY_REQUEST_ID.encode("ascii")
+_FLY_CLIENT_IP = FLY_CLIENT_IP.encode("ascii")
 _ROUTING_HEADERS = frozenset({_FLY_REPLAY_SRC, _FLY_REPLAY_FAILED, _FLY_PREFERRED_UNAVAILABLE, FORWARDED_FROM})
 _LEGACY_SESSION_PARAM = re.compile(rb"(?:^|&)session_id=([^&]*)")
 
@@ -75,6 +80,13 @@ class AffinityMiddleware:
         self._codec = TokenCodec(settings.secret_keys, app_name=settings.app_name)
         self._forwarder = OwnerForwarder()
         self._counts = DecisionCounts(settings.machine_id)
+        self._admission = Admission(
+            max_sessions=settings.max_sessions,
+            max_legacy_sessions=settings.max_legacy_sessions,
+            idle_timeout=settings.session_idle_timeout,
+            rate=settings.new_session_rate,
+            burst=settings.new_session_burst,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,8 +124,20 @@ class AffinityMiddleware:
         else:
             legacy_match = _LEGACY_SESSION_PARAM.search(scope["query_string"])
             if legacy_match is None:
+                method = scope["method"]
+                if method == "POST" or method == "GET":  # the methods that open sessions
+                    refusal = self._admission.refusal(
+                        client=_client_key(scope, headers),
+                        legacy=method == "GET",
+                        hops=full_hops(_replay_state(headers)) if routing else 0,
+                        replayable=body_replayable(length, chunked),
+                        now=time.monotonic(),
+                    )
+                    if refusal is not None:
+                        await self._refuse(scope, send, refusal)
+                        return
                 self._counts.passed += 1
-                await self.app(scope, receive, self._minting_send(scope, send))
+                await self._pass_minting(scope, receive, send)
                 return
             token_text = unquote(legacy_match.group(1).decode("latin-1"))
 
@@ -148,35 +172,44 @@ class AffinityMiddleware:
             query: bytes = scope["query_string"]
             start, end = legacy_match.span(1)
             scope["query_string"] = query[:start] + inner + query[end:]
-        # A token that verified is ASCII, whichever carrier it came in.
-        await self.app(scope, receive, self._echoing_send(send, inner, token_text.encode("ascii")))
+        live = self._admission.live
+        live.seen(inner, time.monotonic())
+        live.started(inner)
+        try:
+            # A token that verified is ASCII, whichever carrier it came in.
+            await self.app(scope, receive, self._echoing_send(scope, send, inner, token_text.encode("ascii")))
+        finally:
+            live.finished(inner, time.monotonic())
 
     def issue_token(self, inner_session_id: str) -> str:
         """A token for a session id the inner app minted on this machine."""
         return self._codec.issue(self.settings.machine_id, inner_session_id, now=time.time())
 
-    def _minting_send(self, scope: Scope, send: Send) -> Send:
-        """``send`` for a request without a session: session ids the inner app mints leave as tokens.
+    async def _pass_minting(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass on a request without a session: session ids the inner app mints leave as tokens.
 
-        A legacy ``GET /sse`` stream also has its ``endpoint`` event rewritten as it passes.
+        A legacy ``GET /sse`` stream also has its ``endpoint`` event rewritten as it passes, and
+        counts as an open legacy session until it ends.
         """
         rewriter: EndpointEventRewriter | None = None
         scan_for_endpoint = scope["method"] == "GET"
+        live = self._admission.live
 
         async def send_minting(message: Message) -> None:
             nonlocal rewriter
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
                 if any(name == MCP_SESSION_ID for name, _ in headers):
-                    wrapped = [
-                        (name, self.issue_token(value.decode("latin-1")).encode("ascii"))
-                        if name == MCP_SESSION_ID
-                        else (name, value)
-                        for name, value in headers
-                    ]
+                    wrapped = []
+                    for name, value in headers:
+                        if name == MCP_SESSION_ID:
+                            live.seen(value, time.monotonic())
+                            value = self.issue_token(value.decode("latin-1")).encode("ascii")
+                        wrapped.append((name, value))
                     message = {**message, "headers": wrapped}
                 if scan_for_endpoint and is_event_stream(headers):
                     rewriter = EndpointEventRewriter(self.issue_token)
+                    live.legacy_streams += 1
             elif message["type"] == "http.response.body" and rewriter is not None and not rewriter.done:
                 body = rewriter.feed(message.get("body", b""))
                 if not message.get("more_body", False):
@@ -184,17 +217,26 @@ class AffinityMiddleware:
                 message = {**message, "body": body}
             await send(message)
 
-        return send_minting
+        try:
+            await self.app(scope, receive, send_minting)
+        finally:
+            if rewriter is not None:
+                live.legacy_streams -= 1
 
-    def _echoing_send(self, send: Send, inner: bytes, token: bytes) -> Send:
+    def _echoing_send(self, scope: Scope, send: Send, inner: bytes, token: bytes) -> Send:
         """``send`` for a session served here: the inner id goes back out as the client's own token.
 
         So a session keeps one token (which is also what Fly's replay cache keys on). A different
-        id (the inner app minted a new session) gets a new token.
+        id (the inner app minted a new session) gets a new token. A 404 (the inner app no longer
+        holds the session) or a successful ``DELETE`` ends the session's place in the budget.
         """
+        deleting = scope["method"] == "DELETE"
 
         async def send_echoing(message: Message) -> None:
             if message["type"] == "http.response.start":
+                status = message["status"]
+                if status == 404 or (deleting and 200 <= status < 300):
+                    self._admission.live.ended(inner)
                 headers = message.get("headers", ())
                 for index, (name, value) in enumerate(headers):
                     if name == MCP_SESSION_ID:
@@ -218,6 +260,26 @@ class AffinityMiddleware:
         # 307, not 2xx: without Fly in front, this answer must not look like a success.
         await send({"type": "http.response.start", "status": 307, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+        """Answer a request that may not open a session now (see ``capacity.Admission``)."""
+        if isinstance(refusal, Elsewhere):
+            self._record(scope, "replayed", "at_capacity", None)
+            instruction = ReplayInstruction(elsewhere=True, state=f"{FULL_STATE_PREFIX}{refusal.hops}")
+            body = b"This machine holds all the sessions it can: Fly's proxy replays this request to another.\n"
+            await _send_text(send, 307, body, [(FLY_REPLAY.encode("ascii"), instruction.to_header().encode("ascii"))])
+            return
+        if isinstance(refusal, RateLimited):
+            reason, status, message = "rate_limited", 429, "Too many new sessions from this client"
+        else:
+            reason, status, message = "at_capacity", 503, "Every machine tried holds all the sessions it can"
+        self._record(scope, "rejected", reason, None)
+        body = json.dumps(
+            {"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": f"{message}; retry later"}},
+            separators=(",", ":"),
+        ).encode("utf-8")
+        headers = [(b"retry-after", str(refusal.retry_after).encode("ascii"))]
+        await _send_text(send, status, body, headers, content_type=b"application/json")
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: str) -> None:
         owner_url = self.settings.peer_url(owner)
@@ -270,6 +332,35 @@ def _arrival(headers: list[tuple[bytes, bytes]], body_replayable: bool) -> Arriv
 
 _SMALL_BODY = Arrival()
 _LARGE_BODY = Arrival(body_replayable=False)
+
+
+def _client_key(scope: Scope, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Who opens a session: ``Fly-Client-IP`` (set by Fly's proxy, never by the client), else the peer."""
+    for name, value in headers:
+        if name == _FLY_CLIENT_IP:
+            return value
+    client = scope.get("client")
+    return client[0].encode("latin-1") if client else b"-"
+
+
+def _replay_state(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == _FLY_REPLAY_SRC:
+            return parse_replay_src(value.decode("latin-1")).state
+    return None
+
+
+async def _send_text(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    content_type: bytes = b"text/plain; charset=utf-8",
+) -> None:
+    head = [*headers, (b"content-type", content_type), (b"content-length", str(len(body)).encode("ascii"))]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _send_not_found(send: Send) -> None:

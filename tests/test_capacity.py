@@ -1,0 +1,190 @@
+"""Sessions as a budget: the per-process cap, the per-client new-session limit, legacy streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from fly_replay_router import AffinityMiddleware, AffinitySettings
+from fly_replay_router.affinity.capacity import Admission, Elsewhere, Full, LiveSessions, NewSessionLimiter, RateLimited
+from fly_replay_router.settings import sessions_for_memory
+
+HERE = "aaaaaaaaaaaaaa"
+KEY = "capacity-test-key-0123456789"
+
+pytestmark = pytest.mark.anyio
+
+
+def test_live_sessions_drop_idle_ones_but_keep_those_with_a_request_in_flight() -> None:
+    live = LiveSessions(idle_timeout=10)
+    for name in (b"a", b"b", b"c"):
+        live.seen(name, 0.0)
+    live.started(b"b")  # b holds an event stream
+    assert live.count(5.0) == 3
+    assert live.count(11.0) == 1  # a and c idled out; b's stream is still open
+    live.finished(b"b", 30.0)
+    assert live.count(35.0) == 1
+    assert live.count(41.0) == 0
+    live.seen(b"d", 50.0)
+    live.ended(b"d")
+    assert live.count(50.0) == 0
+
+
+def test_the_limiter_allows_a_burst_then_the_rate_per_client() -> None:
+    limiter = NewSessionLimiter(rate=1.0, burst=3)
+    assert [limiter.take(b"1.2.3.4", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take(b"1.2.3.4", 0.0) == pytest.approx(1.0)
+    assert limiter.take(b"5.6.7.8", 0.0) == 0.0  # another client has its own bucket
+    assert limiter.take(b"1.2.3.4", 1.5) == 0.0  # a token came back after a second
+    assert limiter.take(b"1.2.3.4", 1.5) > 0
+
+
+def test_the_limiter_forgets_the_least_recent_client_beyond_its_size() -> None:
+    limiter = NewSessionLimiter(rate=0.001, burst=1, max_clients=2)
+    limiter.take(b"a", 0.0)
+    limiter.take(b"b", 0.0)
+    limiter.take(b"c", 0.0)  # a is forgotten
+    assert limiter.take(b"a", 0.0) == 0.0
+    assert limiter.take(b"c", 0.0) > 0
+
+
+def test_admission_sends_elsewhere_then_gives_up_with_one_503() -> None:
+    admission = Admission(max_sessions=1, max_legacy_sessions=1, idle_timeout=60, rate=None, burst=1)
+    ask = {"client": b"c", "legacy": False, "replayable": True, "now": 0.0}
+    assert admission.refusal(hops=0, **ask) is None  # type: ignore[arg-type]
+    admission.live.seen(b"s1", 0.0)
+    assert admission.refusal(hops=0, **ask) == Elsewhere(1)  # type: ignore[arg-type]
+    assert admission.refusal(hops=1, **ask) == Elsewhere(2)  # type: ignore[arg-type]
+    assert admission.refusal(hops=2, **ask) == Full()  # type: ignore[arg-type]
+    assert admission.refusal(hops=0, client=b"c", legacy=False, replayable=False, now=0.0) == Full()
+    assert admission.refusal(hops=0, client=b"c", legacy=True, replayable=True, now=0.0) is None
+    admission.live.legacy_streams = 1
+    assert admission.refusal(hops=0, client=b"c", legacy=True, replayable=True, now=0.0) == Elsewhere(1)
+
+
+def test_the_rate_is_checked_before_the_cap() -> None:
+    admission = Admission(max_sessions=None, max_legacy_sessions=None, idle_timeout=60, rate=1.0, burst=1)
+    assert admission.refusal(client=b"c", legacy=False, hops=0, replayable=True, now=0.0) is None
+    assert admission.refusal(client=b"c", legacy=False, hops=0, replayable=True, now=0.0) == RateLimited(1)
+
+
+def test_the_default_cap_follows_the_vms_memory() -> None:
+    assert sessions_for_memory(None) is None
+    assert sessions_for_memory(256) == 942
+    assert sessions_for_memory(512) == 2908
+    assert sessions_for_memory(2048) == 14704
+    settings = AffinitySettings.from_env({"FLY_MACHINE_ID": HERE, "AFFINITY_SECRET": KEY, "FLY_VM_MEMORY_MB": "512"})
+    assert (settings.max_sessions, settings.max_legacy_sessions) == (2908, 2908)
+    explicit = AffinitySettings.from_env(
+        {"AFFINITY_SECRET": KEY, "FLY_VM_MEMORY_MB": "512", "AFFINITY_MAX_SESSIONS": "10",
+         "AFFINITY_MAX_LEGACY_SESSIONS": "off", "AFFINITY_NEW_SESSION_RATE": "off"}
+    )  # fmt: skip
+    assert (explicit.max_sessions, explicit.max_legacy_sessions, explicit.new_session_rate) == (10, None, None)
+    with pytest.raises(ValueError, match="AFFINITY_MAX_SESSIONS"):
+        AffinitySettings.from_env({"AFFINITY_SECRET": KEY, "AFFINITY_MAX_SESSIONS": "-3"})
+
+
+class MintingApp:
+    """An inner MCP app: a POST without a session mints one; a GET without one opens a legacy stream."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.stream_open = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.calls += 1
+        has_session = any(name == b"mcp-session-id" for name, _ in scope["headers"])
+        if scope["method"] == "GET" and not has_session:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
+            inner = uuid.uuid4().hex
+            endpoint = f"event: endpoint\r\ndata: /messages/?session_id={inner}\r\n\r\n".encode()
+            await send({"type": "http.response.body", "body": endpoint, "more_body": True})
+            self.stream_open.set()
+            await self.release.wait()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        headers = [(b"content-type", b"application/json")]
+        if not has_session:
+            headers.append((b"mcp-session-id", uuid.uuid4().hex.encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def request(
+    layer: AffinityMiddleware, method: str = "POST", headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": method, "path": "/mcp", "raw_path": b"/mcp", "query_string": b"", "root_path": "",
+        "headers": [(b"content-length", b"2"), *(headers or [])], "client": ("10.0.0.9", 5000),
+    }  # fmt: skip
+    await layer(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def layer_with(inner: MintingApp, **options: Any) -> AffinityMiddleware:
+    return AffinityMiddleware(inner, settings=AffinitySettings(machine_id=HERE, secret_keys=(KEY,), **options))
+
+
+async def test_a_full_machine_sends_new_sessions_elsewhere_and_keeps_serving_open_ones() -> None:
+    inner = MintingApp()
+    layer = layer_with(inner, max_sessions=2, new_session_rate=None)
+    tokens = [(await request(layer))[1][b"mcp-session-id"] for _ in range(2)]
+    status, headers, _ = await request(layer)
+    assert status == 307
+    assert headers[b"fly-replay"] == b"elsewhere=true;state=full-1"
+    assert inner.calls == 2  # the inner app never saw it
+    # Sessions already open are served as before.
+    for token in tokens:
+        assert (await request(layer, headers=[(b"mcp-session-id", token)]))[0] == 200
+    # Replayed from two full machines already: one clear 503, no third hop.
+    status, headers, body = await request(layer, headers=[(b"fly-replay-src", b"instance=bbbbbbbbbbbbbb;state=full-2")])
+    assert status == 503
+    assert headers[b"retry-after"] == b"30"
+    assert json.loads(body)["error"]["message"].endswith("retry later")
+    # A DELETE that succeeds frees a place.
+    assert (await request(layer, "DELETE", [(b"mcp-session-id", tokens[0])]))[0] == 200
+    assert (await request(layer))[0] == 200
+
+
+async def test_one_client_past_its_rate_gets_429_and_others_do_not() -> None:
+    layer = layer_with(MintingApp(), new_session_rate=0.5, new_session_burst=2)
+    abuser = [(b"fly-client-ip", b"203.0.113.7")]
+    assert [(await request(layer, headers=abuser))[0] for _ in range(2)] == [200, 200]
+    status, headers, body = await request(layer, headers=abuser)
+    assert status == 429
+    assert headers[b"retry-after"] == b"2"
+    assert b"Too many new sessions" in body
+    assert (await request(layer, headers=[(b"fly-client-ip", b"198.51.100.1")]))[0] == 200
+    token = (await request(layer, headers=[(b"fly-client-ip", b"198.51.100.1")]))[1][b"mcp-session-id"]
+    # Requests of an open session are never charged, whoever sends them.
+    assert (await request(layer, headers=[*abuser, (b"mcp-session-id", token)]))[0] == 200
+
+
+async def test_legacy_streams_count_while_open() -> None:
+    inner = MintingApp()
+    layer = layer_with(inner, max_legacy_sessions=1, new_session_rate=None)
+    first = asyncio.ensure_future(request(layer, "GET"))
+    await asyncio.wait_for(inner.stream_open.wait(), 5)
+    status, headers, _ = await request(layer, "GET")
+    assert status == 307
+    assert headers[b"fly-replay"] == b"elsewhere=true;state=full-1"
+    inner.release.set()
+    assert (await first)[0] == 200
+    # The first stream ended: its place is free again.
+    assert layer._admission.live.legacy_streams == 0
+    assert (await request(layer, "GET"))[0] == 200
