@@ -70,8 +70,8 @@ class AffinitySettings:
     max_sessions: int | None = None
     max_legacy_sessions: int | None = None
     session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT
-    new_session_rate: float | None = 5.0
-    new_session_burst: int = 50
+    new_session_rate: float | None = 10.0
+    new_session_burst: int = 100
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -172,8 +172,8 @@ class AffinitySettings:
             session_idle_timeout=_seconds("AFFINITY_SESSION_IDLE_TIMEOUT", idle)
             if idle
             else DEFAULT_SESSION_IDLE_TIMEOUT,
-            new_session_rate=None if rate.lower() == "off" else (_number("AFFINITY_NEW_SESSION_RATE", rate) or 5.0),
-            new_session_burst=int(burst) if burst else 50,
+            new_session_rate=None if rate.lower() == "off" else (_number("AFFINITY_NEW_SESSION_RATE", rate) or 10.0),
+            new_session_burst=int(burst) if burst else 100,
         )
 
 

@@ -50,6 +50,8 @@ ABBA order, median of the per-round or per-pair ratios; see ``layer.py`` and ``e
 - ``sse_first_event_delay_ms``: median time to the first SSE event of ``GET /sse`` through the edge
   minus the same straight to the machine (a new connection for each stream, both ways).
 - ``edge_rss_mb_1000_streams``: the edge process's RSS with 1,000 SSE streams open through it.
+- ``session_cost_kb_*``: RSS per open session of one demo machine, by kind (``sessions.py``): an
+  abandoned handshake-era session, one holding its ``GET`` event stream, a legacy ``/sse`` stream.
 
 ``profiles`` (printed too): cProfile of ``decide`` and of the middleware around a stub app (own
 time per call), of the in-process layered server (CPU time) and of the edge's thread
@@ -77,7 +79,7 @@ from typing import Any
 
 import uvloop
 
-from tests.bench import edge, layer
+from tests.bench import edge, layer, sessions
 from tests.bench.layer import Budget
 
 
@@ -115,6 +117,10 @@ TARGETS = {
     "edge_vs_direct_throughput": Target(">=", 0.7, ""),
     "sse_first_event_delay_ms": Target("<=", 2, " ms"),
     "edge_rss_mb_1000_streams": Target("<", 150, " MB"),
+    # What one session costs a demo machine (RSS): the sizing rule in settings.py rests on these.
+    "session_cost_kb_handshake": Target("", None, " KB"),
+    "session_cost_kb_handshake_stream": Target("", None, " KB"),
+    "session_cost_kb_legacy_sse": Target("", None, " KB"),
 }
 # Which benchmark produces which keys (``--only`` takes any of the keys).
 GROUPS = {
@@ -130,6 +136,7 @@ GROUPS = {
     "replays": ("replays_per_session_cached", "replays_per_session_uncached"),
     "edge_direct": ("edge_vs_direct_throughput", "sse_first_event_delay_ms"),
     "edge_rss": ("edge_rss_mb_1000_streams",),
+    "sessions": tuple(f"session_cost_kb_{kind}" for kind in sessions.KINDS),
 }
 
 
@@ -234,6 +241,13 @@ async def run_benchmarks(groups: set[str], quick: bool, report: Report) -> None:
         }
         report.log("edge profile: the edge under cProfile, one machine, tools/call load")
         report.profiles["edge"] = await edge.profile_edge(2.0 if quick else 6.0)
+    if "sessions" in groups:
+        count = 500 if quick else 2000
+        for kind in sessions.KINDS:
+            report.log(f"session cost: {count} {kind} sessions on a fresh demo machine")
+            cost = await sessions.session_cost_kb(kind, count)
+            report.results[f"session_cost_kb_{kind}"] = cost["kb_per_session"]
+            report.details[f"session_cost_{kind}"] = cost
     if "edge_rss" in groups:
         report.log("edge memory: 1,000 SSE streams through a 4-machine edge")
         memory = await edge.edge_rss_with_streams()

@@ -80,6 +80,8 @@ def start_uvicorn(app: str, machine_id: str, *, extra_env: dict[str, str] | None
         "FLY_APP_NAME": APP_NAME,
         "FLY_REGION": "lcl",
         "AFFINITY_SECRET": SECRET,
+        # One benchmark process stands in for many clients: no per-client limit on new sessions.
+        "AFFINITY_NEW_SESSION_RATE": "off",
         **(extra_env or {}),
     }
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
@@ -125,6 +127,7 @@ def start_edge(*, machines: int, cached: bool = False, backends: dict[str, str] 
     fly_toml = Path(tempfile.mkdtemp(prefix="bench-edge-")) / "fly.toml"
     fly_toml.write_text(FLY_TOML_CACHED if cached else FLY_TOML_UNCACHED)
     env = {**os.environ, "AFFINITY_SECRET": SECRET, "AFFINITY_FAILOVER": "cached" if cached else "safe"}
+    env["AFFINITY_NEW_SESSION_RATE"] = "off"  # one benchmark process stands in for many clients
     command = [sys.executable, "-m", "fly_replay_router.edge", "--machines", str(machines), "--port", str(port)]
     command += ["--fly-toml", str(fly_toml), "--log-level", "warning"]
     for machine_id, url in (backends or {}).items():

@@ -30,9 +30,8 @@ async def _open_sessions(url: str, count: int, *, with_stream: bool, held: conte
         async with gate:
             answer = await client.post(f"{url}/mcp", headers=JSON_AND_SSE, json=INITIALIZE)
             token = answer.headers["mcp-session-id"]
-            done = await client.post(
-                f"{url}/mcp", headers=session_headers(token), json={"jsonrpc": "2.0", "method": "notifications/initialized"}
-            )
+            initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+            done = await client.post(f"{url}/mcp", headers=session_headers(token), json=initialized)
             assert done.status_code == 202, done.text
         if with_stream:
             headers = {**session_headers(token), "accept": "text/event-stream"}
