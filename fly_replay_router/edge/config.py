@@ -123,9 +123,14 @@ class FlyToml:
     min_machines_running: int = 0
     soft_limit: int = DEFAULT_SOFT_LIMIT
     hard_limit: int | None = None
+    # The path of the first [[http_service.checks]] entry: Fly keeps a Machine in rotation while
+    # a GET of it answers 2xx. None: the app declares no HTTP check.
+    health_path: str | None = None
 
     def __post_init__(self) -> None:
         _check_lifecycle(self.auto_stop, self.min_machines_running, self.soft_limit, self.hard_limit)
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ValueError(f"http_service.checks path {self.health_path!r} must start with '/'")
 
     @classmethod
     def load(cls, path: Path, *, required: bool = False) -> FlyToml:
@@ -178,7 +183,24 @@ class FlyToml:
             idle_timeout=float(idle),
             replay_cache=rules,
             env=tuple((str(key), str(value)) for key, value in env.items()),
+            health_path=_health_path(service.get("checks", [])),
         )
+
+
+def _health_path(checks: object) -> str | None:
+    # [[http_service.checks]] is an array of tables; a single [http_service.checks] table is read too.
+    entries = [checks] if isinstance(checks, dict) else checks
+    if not isinstance(entries, list):
+        raise ValueError("http_service.checks must be an array of tables ([[...]])")
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError("each http_service.checks entry must be a table")
+        path = entry.get("path")
+        if path is not None:
+            if not isinstance(path, str):
+                raise ValueError("http_service.checks path must be a string such as /healthz")
+            return path
+    return None
 
 
 def _check_lifecycle(auto_stop: str, min_running: int, soft: int, hard: int | None) -> None:

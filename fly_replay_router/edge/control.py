@@ -17,14 +17,13 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from fly_replay_router.edge.machine import Machine, MachineControlError, MachineStartError
+from fly_replay_router.edge.machine import MACHINE_VERBS, Machine, MachineControlError, MachineStartError
 from fly_replay_router.edge.page import send_static, stream_feed
 
 if TYPE_CHECKING:
     from fly_replay_router.edge.proxy import EdgeProxy
 
 EDGE_PREFIX = "/_edge/"
-MACHINE_VERBS = ("stop", "start", "suspend", "resume", "kill")
 ENDPOINTS = [
     "GET /_edge/ (live page)",
     "GET /_edge/events (SSE feed)",

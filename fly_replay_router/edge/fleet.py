@@ -53,6 +53,9 @@ class FleetSpec:
     stop_timeout: float = 5.0
     # fly.toml's [env], set in every machine under the FLY_* variables.
     env: tuple[tuple[str, str], ...] = ()
+    # A started machine is healthy once GET of this path answers 2xx; None: once its port accepts
+    # a TCP connection (an app without [[http_service.checks]]).
+    health_path: str | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -129,7 +132,7 @@ class Fleet:
                 raise result
 
     async def start(self, machine_id: str) -> Machine:
-        """Start a stopped machine (healthy once ``GET /healthz`` answers 2xx) or resume a suspended one.
+        """Start a stopped machine (once it passes its health check) or resume a suspended one.
 
         Concurrent calls wait for one another: the second finds the machine started.
         """
@@ -269,7 +272,7 @@ class Fleet:
         machine.exit_code = None
         machine.process = process = spawn(machine, command, self._environment(machine), machine.log_path)
         try:
-            await wait_healthy(machine, process, self.spec.start_timeout)
+            await wait_healthy(machine, process, self.spec.start_timeout, self.spec.health_path)
         except BaseException:
             if process.poll() is None:
                 signal_group(process, signal.SIGKILL)
