@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fly_replay_router import fly
 from fly_replay_router.edge.config import DEFAULT_APP_NAME, DEFAULT_AUTOSTOP_INTERVAL, DEFAULT_REGION, FlyToml
+from fly_replay_router.edge.guard import is_loopback
 from fly_replay_router.edge.remote import DEFAULT_EDGE, MACHINE_VERBS
 
 # The demo MCP server that `fly deploy` ships; its endpoints are known, a user's app's are not.
@@ -115,7 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where machine logs go, created when missing (default: a new temp directory)",
     )
     edge = parser.add_argument_group("edge")
-    edge.add_argument("--host", default="127.0.0.1", help="address the edge listens on (default 127.0.0.1)")
+    edge.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the edge listens on (default 127.0.0.1); an address other than loopback needs --allow-remote",
+    )
+    edge.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help=(
+            "let --host be an address other hosts can reach; /_edge/ (stop, suspend, kill machines) has no "
+            "authentication, so only on a network you trust"
+        ),
+    )
     edge.add_argument(
         "--port", type=int, default=8080, help="port the edge listens on (default 8080; 0 = any free port)"
     )
@@ -181,6 +194,12 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         if machine_id in backends:
             raise ValueError(f"--backend names machine {machine_id} twice")
         backends[machine_id] = url
+    if not is_loopback(args.host) and not args.allow_remote:
+        raise ValueError(
+            f"refusing to listen on {args.host}: the edge's /_edge/ endpoints stop, suspend and kill machines "
+            "without authentication. Keep --host on loopback (127.0.0.1), or pass --allow-remote to let every "
+            f"host that can reach {args.host} use them"
+        )
     health_path, health_source = _health_check(args.health_path, fly_toml)
     if args.mcp_path is not None and not args.mcp_path.startswith("/"):
         raise ValueError(f"--mcp-path {args.mcp_path!r} must start with '/', e.g. /mcp")
@@ -201,7 +220,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         log_dir=log_dir,
         host=args.host,
         port=args.port,
-        allow_remote=False,
+        allow_remote=args.allow_remote,
         balance=args.balance,
         fly_toml=fly_toml,
         fly_toml_source=str(path) if path.exists() else "no fly.toml, defaults",

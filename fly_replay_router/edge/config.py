@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fly_replay_router import fly
+from fly_replay_router.edge.guard import LOOPBACK_NAMES
 
 # Fly's documented default for HTTP connections with no traffic (fly-proxy.md, "idle_timeout").
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -85,6 +86,8 @@ class EdgeConfig:
     default_replay_timeout: float = 5.0
     balance: Literal["random", "round-robin", "least-requests"] = "random"
     edge_port: int = 8080
+    # The host names requests to /_edge/ may address the edge by (guard.py); loopback by default.
+    control_names: tuple[str, ...] = LOOPBACK_NAMES
     # Autostop/autostart and concurrency, from fly.toml's [http_service] (see autostop.py, targets.py).
     auto_stop: AutoStop = "off"
     auto_start: bool = True

@@ -17,6 +17,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from fly_replay_router.edge.guard import refusal
 from fly_replay_router.edge.machine import MACHINE_VERBS, Machine, MachineControlError, MachineStartError
 from fly_replay_router.edge.page import send_static, stream_feed
 
@@ -36,7 +37,11 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 
 async def handle_control(edge: EdgeProxy, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-    """Answer one request under ``/_edge/``."""
+    """Answer one request under ``/_edge/``: 403 unless it is addressed to the edge by no foreign page."""
+    refused = refusal(scope, edge.config.control_names, edge.config.edge_port)
+    if refused is not None:
+        await _json(send, 403, {"error": f"forbidden: {refused}"})
+        return
     method = str(scope["method"])
     path = str(scope["path"])
     parts = [part for part in path.split("/") if part][1:]

@@ -19,6 +19,7 @@ import uvloop
 from fly_replay_router.edge.arguments import LaunchPlan
 from fly_replay_router.edge.config import EdgeConfig
 from fly_replay_router.edge.fleet import Fleet, FleetSpec
+from fly_replay_router.edge.guard import edge_names, is_loopback
 from fly_replay_router.edge.machine import MachineStartError
 from fly_replay_router.edge.proxy import EdgeProxy
 from fly_replay_router.edge.serve import edge_server
@@ -86,6 +87,7 @@ async def _run(plan: LaunchPlan, sock: socket.socket) -> int:
             autostop_interval=plan.autostop_interval,
             soft_limit=plan.fly_toml.soft_limit,
             hard_limit=plan.fly_toml.hard_limit,
+            control_names=edge_names(plan.host),
         )
         server = edge_server(EdgeProxy(fleet, config))
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -94,6 +96,8 @@ async def _run(plan: LaunchPlan, sock: socket.socket) -> int:
         if serving.done():
             serving.result()
             return 1
+        if not is_loopback(plan.host):
+            print(f"warning: {_remote_warning(plan.host, port)}", file=sys.stderr, flush=True)
         print(banner(fleet, config, plan, port), flush=True)
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -130,10 +134,18 @@ async def _start_machines(fleet: Fleet, stop: asyncio.Event) -> bool:
     return True
 
 
-def _url_host(host: str) -> str:
+def _url_host(host: str, *, wildcard: str = "127.0.0.1") -> str:
     if host in ("0.0.0.0", "::"):
-        return "127.0.0.1"
+        return wildcard
     return f"[{host}]" if ":" in host else host
+
+
+def _remote_warning(host: str, port: int) -> str:
+    where = "every interface" if host in ("0.0.0.0", "::") else host
+    return (
+        f"the edge listens on {where} (port {port}): other hosts can reach it, and its /_edge/ endpoints "
+        "(stop, suspend, kill machines) have no authentication"
+    )
 
 
 def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str:
@@ -153,9 +165,11 @@ def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str
         if plan.sse_path is not None:
             mcp += f"   (legacy SSE: {edge_url}{plan.sse_path})"
     health = f"GET {plan.health_path} answers 2xx" if plan.health_path else "its port accepts a TCP connection"
+    rows += ["", f"edge:     {edge_url}"]
+    if not is_loopback(plan.host):
+        address = f"{_url_host(plan.host, wildcard=plan.host)}:{port}"
+        rows.append(f"listen:   {address}   WARNING: {_remote_warning(plan.host, port)}")
     rows += [
-        "",
-        f"edge:     {edge_url}",
         f"MCP:      {mcp}",
         f"page:     {edge_url}/_edge/   (live view of machines, sessions and replays)",
         f"status:   {edge_url}/_edge/status",
