@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fly_replay_router.edge.machine import Machine, MachineControlError, MachineState, new_machine_id
-from fly_replay_router.edge.process import log_tail, signal_group, spawn, wait_healthy
+from fly_replay_router.edge.process import signal_group, spawn, wait_healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 StateListener = Callable[[Machine, MachineState], None]
+# How often the fleet's own loop looks for processes that exited, where no pidfd reports it.
+WATCH_INTERVAL = 0.5
 
 
 class Fleet:
@@ -111,17 +113,49 @@ class Fleet:
 
     def started(self) -> list[Machine]:
         """Machines in rotation."""
-        self.refresh()
         return [machine for machine in self.machines.values() if machine.state == "started"]
 
     def refresh(self) -> None:
-        """Notice managed machines whose process exited on its own (a crash): they are stopped."""
+        """Notice managed machines whose process exited on its own (a crash): they are stopped.
+
+        Called by the fleet's own loop (``watch``) and before a control request acts; never while
+        reading status, so that looking at the fleet cannot change it.
+        """
         for machine in self.machines.values():
-            process = machine.process
-            if process is not None and machine.state in ("started", "suspended") and process.poll() is not None:
-                machine.exit_code = process.returncode
-                machine.process = None
-                self._set_state(machine, "stopped")
+            self._notice_exit(machine)
+
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """The fleet's own loop, until cancelled: a machine whose process exits on its own is stopped.
+
+        Each process started here is also watched by a pidfd (Linux), which reports an exit at
+        once; the loop is the fallback where there is none.
+        """
+        while True:
+            self.refresh()
+            await asyncio.sleep(interval)
+
+    def _notice_exit(self, machine: Machine) -> None:
+        process = machine.process
+        if process is not None and machine.state in ("started", "suspended") and process.poll() is not None:
+            machine.exit_code = process.returncode
+            machine.process = None
+            self._set_state(machine, "stopped")
+
+    def _watch_exit(self, machine: Machine, process: subprocess.Popen[bytes]) -> None:
+        """Mark ``machine`` stopped as soon as ``process`` exits on its own (a pidfd becomes readable)."""
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            return  # no pidfd here: the watch loop notices instead
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if machine.process is process:
+                self._notice_exit(machine)
+
+        loop.add_reader(pidfd, exited)
 
     async def start_all(self) -> None:
         """Start every stopped managed machine concurrently; raise the first failure after all tried."""
@@ -138,7 +172,7 @@ class Fleet:
         """
         machine = self.get(machine_id)
         async with self._lock(machine_id):
-            self.refresh()
+            self._notice_exit(machine)
             if machine.state == "started":
                 return machine
             if machine.state == "suspended":
@@ -156,7 +190,7 @@ class Fleet:
         """SIGSTOP the machine's process group: out of rotation, memory kept."""
         machine = self.get(machine_id)
         async with self._lock(machine_id):
-            self.refresh()
+            self._notice_exit(machine)
             if machine.state == "suspended":
                 return machine
             if machine.state != "started":
@@ -225,10 +259,6 @@ class Fleet:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def log_tail(self, machine: Machine, lines: int = 30) -> str:
-        """The last ``lines`` lines of a machine's log."""
-        return log_tail(machine, lines)
-
     def _lock(self, machine_id: str) -> asyncio.Lock:
         lock = self._locks.get(machine_id)
         if lock is None:
@@ -280,6 +310,7 @@ class Fleet:
             self._mark_exited(machine)
             raise
         self._set_state(machine, "started")
+        self._watch_exit(machine, process)
 
     def _mark_exited(self, machine: Machine) -> None:
         if machine.process is not None:

@@ -75,19 +75,13 @@ async def _run(plan: LaunchPlan, sock: socket.socket) -> int:
             return 130 if stop.is_set() else 1
         port = sock.getsockname()[1]
         config = EdgeConfig(
+            fly_toml=plan.fly_toml,
             app_name=plan.app_name,
             region=plan.region,
-            idle_timeout=plan.fly_toml.idle_timeout,
-            replay_cache=plan.fly_toml.replay_cache,
             balance=plan.balance,  # type: ignore[arg-type]  # argparse checked the choices
             edge_port=port,
-            auto_stop=plan.fly_toml.auto_stop,
-            auto_start=plan.fly_toml.auto_start,
-            min_machines_running=plan.fly_toml.min_machines_running,
-            autostop_interval=plan.autostop_interval,
-            soft_limit=plan.fly_toml.soft_limit,
-            hard_limit=plan.fly_toml.hard_limit,
             control_names=edge_names(plan.host),
+            autostop_interval=plan.autostop_interval,
         )
         server = edge_server(EdgeProxy(fleet, config))
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -157,7 +151,8 @@ def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str
         pid = str(machine.process.pid) if machine.process is not None else "-"
         log = str(machine.log_path) if machine.log_path is not None else "(started elsewhere)"
         rows.append(f"  {machine.id:<16} {machine.url:<24} {machine.state:<8} {pid:>7}  {log}")
-    rules = ", ".join(f"{r.type} {r.name} under {r.path_prefix} ({r.ttl_seconds}s)" for r in config.replay_cache)
+    toml = plan.fly_toml
+    rules = ", ".join(f"{r.type} {r.name} under {r.path_prefix} ({r.ttl_seconds}s)" for r in toml.replay_cache)
     if plan.mcp_path is None:
         mcp = f"{edge_url}<the app's MCP path>   (unknown to the edge for --app {plan.app}: give --mcp-path)"
     else:
@@ -174,7 +169,7 @@ def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str
         f"page:     {edge_url}/_edge/   (live view of machines, sessions and replays)",
         f"status:   {edge_url}/_edge/status",
         f"control:  python -m fly_replay_router.edge machine stop|start|suspend|resume|kill <id> --edge {edge_url}",
-        f"fly.toml: {plan.fly_toml_source}; idle_timeout {config.idle_timeout:g}s; replay cache: {rules or 'none'}",
+        f"fly.toml: {plan.fly_toml_source}; idle_timeout {toml.idle_timeout:g}s; replay cache: {rules or 'none'}",
         f"health:   a machine is up once {health} ({plan.health_source})",
         f"autostop: {_autostop_line(config)}",
         f"stop:     Ctrl-C (or kill -TERM {os.getpid()}) stops the edge and every machine it started",
@@ -183,12 +178,13 @@ def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str
 
 
 def _autostop_line(config: EdgeConfig) -> str:
-    hard = "none" if config.hard_limit is None else str(config.hard_limit)
-    limits = f"concurrency soft {config.soft_limit} / hard {hard} requests"
-    start = "autostart on" if config.auto_start else "autostart off"
-    if config.auto_stop == "off":
+    toml = config.fly_toml
+    hard = "none" if toml.hard_limit is None else str(toml.hard_limit)
+    limits = f"concurrency soft {toml.soft_limit} / hard {hard} requests"
+    start = "autostart on" if toml.auto_start else "autostart off"
+    if toml.auto_stop == "off":
         return f"off; {start}; {limits}"
     return (
-        f"{config.auto_stop} idle machines every {config.autostop_interval:g}s, keeping "
-        f"{config.min_machines_running} running; {start}; {limits}"
+        f"{toml.auto_stop} idle machines every {config.autostop_interval:g}s, keeping "
+        f"{toml.min_machines_running} running; {start}; {limits}"
     )
