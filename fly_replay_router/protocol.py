@@ -9,6 +9,7 @@ session; and the 2024-11-05 "HTTP with SSE" transport (the ``endpoint`` event an
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
 MCP_SESSION_ID = b"mcp-session-id"
@@ -18,6 +19,12 @@ MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
 # (2026-07-28 on) are sessionless. Kept here rather than imported from an SDK, so that the layer
 # runs in front of any SDK line without pinning one.
 HANDSHAKE_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+
+
+# The legacy transport's endpoint event names the session in the query of the URL it gives:
+# ``/messages/?session_id=<id>``. Group 1 is the ``?session_id=`` / ``&session_id=`` prefix, group 2
+# the value.
+ENDPOINT_SESSION_PARAM = re.compile(rb"([?&]session_id=)([^&#\r\n]+)")
 
 
 def owner_of(token: str) -> str:

@@ -1,4 +1,4 @@
-"""Fly's header grammar (fly_replay_router/fly.py), shared by the layer and the edge."""
+"""Fly's header grammar (the fly_replay_router.fly package), shared by the layer and the edge."""
 
 from __future__ import annotations
 

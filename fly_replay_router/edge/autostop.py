@@ -1,10 +1,11 @@
 """Autostop, as Fly Proxy does it from ``fly.toml``: stop or suspend idle machines above the minimum.
 
-Fly's rule (Fly Proxy autostop/autostart reference): every few minutes the proxy checks whether
-the app has excess capacity, judged by the ``soft_limit``, and if so stops (``auto_stop_machines =
-"stop"``) or suspends (``"suspend"``) exactly one Machine; ``min_machines_running`` Machines are
-kept running. With several Machines there is excess capacity when the load would still fit under
-the soft limit on one Machine fewer; with a single Machine, when it has no traffic.
+Fly's rule ("Fly Proxy autostop/autostart", https://fly.io/docs/reference/fly-proxy-autostop-autostart/):
+every few minutes the proxy checks whether the app has excess capacity, judged by the
+``soft_limit``, and if so stops (``auto_stop_machines = "stop"``) or suspends (``"suspend"``)
+exactly one Machine; ``min_machines_running`` Machines are kept running. With several Machines
+there is excess capacity when the load would still fit under the soft limit on one Machine fewer;
+with a single Machine, when it has no traffic.
 
 What this edge does, every ``autostop_interval`` seconds (``--autostop-interval``; Fly's "few
 minutes" scaled down):
@@ -39,14 +40,14 @@ logger = logging.getLogger("fly_replay_router.edge")
 
 def machine_to_stop(machines: list[Machine], config: EdgeConfig, now: float) -> Machine | None:
     """The one machine autostop stops or suspends now, or ``None`` (rules 1-4 of the module docstring)."""
-    if config.auto_stop == "off":
+    if config.fly_toml.auto_stop == "off":
         return None
     running = [m for m in machines if m.state == "started"]
-    if len(running) <= config.min_machines_running or not running:
+    if len(running) <= config.fly_toml.min_machines_running or not running:
         return None
     load = sum(m.in_flight for m in running)
     # One machine: excess when it has no traffic; more: when the load fits on one machine fewer.
-    excess = load == 0 if len(running) == 1 else load < config.soft_limit * (len(running) - 1)
+    excess = load == 0 if len(running) == 1 else load < config.fly_toml.soft_limit * (len(running) - 1)
     if not excess:
         return None
     idle = [m for m in running if m.in_flight == 0 and now - m.last_active >= config.autostop_interval]
@@ -74,11 +75,10 @@ class Autostop:
 
     async def check(self) -> Machine | None:
         """One check: stop or suspend at most one machine; return it."""
-        self.fleet.refresh()
         machine = machine_to_stop(list(self.fleet.machines.values()), self.config, time.monotonic())
         if machine is None:
             return None
-        how = self.config.auto_stop
+        how = self.config.fly_toml.auto_stop
         logger.info("autostop: %s idle machine %s", "suspending" if how == "suspend" else "stopping", machine.id)
         if how == "suspend":
             await self.fleet.suspend(machine.id)

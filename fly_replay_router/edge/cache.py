@@ -1,6 +1,7 @@
 """Replay caches: remember where the app replayed a request, and send the next one straight there.
 
-Two kinds, as on Fly (``shared/reference/fly-proxy.md``, "Replay caching"):
+Two kinds, as on Fly ("Dynamic request routing with fly-replay", replay caching:
+https://fly.io/docs/networking/dynamic-request-routing/):
 
 - session rules from ``fly.toml`` (``[[http_service.http_options.replay_cache]]``): the key is the
   value of a request header or cookie; the longest matching ``path_prefix`` chooses the rule;

@@ -4,21 +4,24 @@ The real Fly Proxy takes these things from ``fly.toml`` that the simulated edge 
 session-based replay cache rules (``[[http_service.http_options.replay_cache]]``), the idle
 timeout of HTTP connections (``[http_service.http_options] idle_timeout``), autostop/autostart
 (``auto_stop_machines``, ``auto_start_machines``, ``min_machines_running``) and the concurrency
-limits (``[http_service.concurrency] soft_limit`` / ``hard_limit``). ``primary_region`` names the
-fleet's one local region when present. Reference: Fly's fly.toml configuration page and its
-autostop/autostart and load balancing pages, as summarised in ``shared/reference/fly-proxy.md``.
+limits (``[http_service.concurrency] soft_limit`` / ``hard_limit``), and the path of the HTTP health
+check (``[[http_service.checks]]``). ``primary_region`` names the fleet's one local region when
+present. References: Fly's "fly.toml configuration" (https://fly.io/docs/reference/configuration/),
+"Fly Proxy autostop/autostart" (https://fly.io/docs/reference/fly-proxy-autostop-autostart/) and
+"Load balancing" (https://fly.io/docs/reference/load-balancing/).
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from fly_replay_router import fly
+from fly_replay_router.edge.guard import LOOPBACK_NAMES
 
-# Fly's documented default for HTTP connections with no traffic (fly-proxy.md, "idle_timeout").
+# Fly's documented default for HTTP connections with no traffic ([http_service.http_options] idle_timeout).
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_REGION = fly.DEFAULT_REGION
 DEFAULT_APP_NAME = "local-mcp"
@@ -60,55 +63,6 @@ class SessionCacheRule:
 
 
 @dataclass(frozen=True, slots=True)
-class EdgeConfig:
-    """Everything the simulated proxy needs to know besides its machines.
-
-    ``max_body`` is the largest request body buffered for replay (1 MiB, PA01 above it);
-    ``max_replays`` the longest replay chain (10, PA02 on the 11th);
-    ``default_replay_timeout`` how long a replay target is tried when the instruction gives no
-    ``timeout`` (unspecified by Fly; a few seconds is the safe reading).
-    """
-
-    def serves_region(self, region: str) -> bool:
-        """Whether a replay's ``region`` entry names this fleet (``any`` names every fleet)."""
-        return region == "any" or region == self.region or region in self.region_aliases
-
-    app_name: str = DEFAULT_APP_NAME
-    region: str = DEFAULT_REGION
-    # Other names of the fleet's one region in a replay's region list (besides the region itself
-    # and "any"), so that an app configured for a real region still routes on a laptop.
-    region_aliases: tuple[str, ...] = ("local", DEFAULT_REGION)
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    replay_cache: tuple[SessionCacheRule, ...] = ()
-    max_body: int = fly.REPLAY_BODY_LIMIT
-    max_replays: int = 10
-    default_replay_timeout: float = 5.0
-    balance: Literal["random", "round-robin", "least-requests"] = "random"
-    edge_port: int = 8080
-    # Autostop/autostart and concurrency, from fly.toml's [http_service] (see autostop.py, targets.py).
-    auto_stop: AutoStop = "off"
-    auto_start: bool = True
-    min_machines_running: int = 0
-    autostop_interval: float = DEFAULT_AUTOSTOP_INTERVAL
-    soft_limit: int = DEFAULT_SOFT_LIMIT
-    hard_limit: int | None = None
-    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
-
-    def __post_init__(self) -> None:
-        if not self.idle_timeout > 0:
-            raise ValueError("idle_timeout must be a positive number of seconds")
-        _check_lifecycle(self.auto_stop, self.min_machines_running, self.soft_limit, self.hard_limit)
-        if not self.autostop_interval > 0:
-            raise ValueError("the autostop interval must be a positive number of seconds")
-        if self.queue_timeout < 0:
-            raise ValueError("queue_timeout must be zero or more seconds")
-        if not self.region:
-            raise ValueError("the fleet needs a region name, e.g. lcl")
-        if self.balance not in ("random", "round-robin", "least-requests"):
-            raise ValueError(f"balancing policy {self.balance!r} is not random, round-robin or least-requests")
-
-
-@dataclass(frozen=True, slots=True)
 class FlyToml:
     """The parts of ``fly.toml`` the edge uses. Missing keys mean Fly's defaults."""
 
@@ -123,9 +77,16 @@ class FlyToml:
     min_machines_running: int = 0
     soft_limit: int = DEFAULT_SOFT_LIMIT
     hard_limit: int | None = None
+    # The path of the first [[http_service.checks]] entry: Fly keeps a Machine in rotation while
+    # a GET of it answers 2xx. None: the app declares no HTTP check.
+    health_path: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.idle_timeout > 0:
+            raise ValueError("idle_timeout must be a positive number of seconds")
         _check_lifecycle(self.auto_stop, self.min_machines_running, self.soft_limit, self.hard_limit)
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ValueError(f"http_service.checks path {self.health_path!r} must start with '/'")
 
     @classmethod
     def load(cls, path: Path, *, required: bool = False) -> FlyToml:
@@ -178,7 +139,66 @@ class FlyToml:
             idle_timeout=float(idle),
             replay_cache=rules,
             env=tuple((str(key), str(value)) for key, value in env.items()),
+            health_path=_health_path(service.get("checks", [])),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """Everything the simulated proxy needs to know besides its machines.
+
+    ``fly_toml`` holds what the app's ``fly.toml`` sets (replay cache rules, idle timeout,
+    autostop/autostart, concurrency); the rest is the edge's own. ``max_body`` is the largest
+    request body buffered for replay (1 MiB, PA01 above it); ``max_replays`` the longest replay
+    chain (10, PA02 on the 11th); ``default_replay_timeout`` how long a replay target is tried when
+    the instruction gives no ``timeout`` (unspecified by Fly; a few seconds is the safe reading).
+    """
+
+    fly_toml: FlyToml = field(default_factory=FlyToml)
+    app_name: str = DEFAULT_APP_NAME
+    region: str = DEFAULT_REGION
+    # Other names of the fleet's one region in a replay's region list (besides the region itself
+    # and "any"), so that an app configured for a real region still routes on a laptop.
+    region_aliases: tuple[str, ...] = ("local", DEFAULT_REGION)
+    max_body: int = fly.REPLAY_BODY_LIMIT
+    max_replays: int = 10
+    default_replay_timeout: float = 5.0
+    balance: Literal["random", "round-robin", "least-requests"] = "random"
+    edge_port: int = 8080
+    # The host names requests to /_edge/ may address the edge by (guard.py); loopback by default.
+    control_names: tuple[str, ...] = LOOPBACK_NAMES
+    autostop_interval: float = DEFAULT_AUTOSTOP_INTERVAL
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.autostop_interval > 0:
+            raise ValueError("the autostop interval must be a positive number of seconds")
+        if self.queue_timeout < 0:
+            raise ValueError("queue_timeout must be zero or more seconds")
+        if not self.region:
+            raise ValueError("the fleet needs a region name, e.g. lcl")
+        if self.balance not in ("random", "round-robin", "least-requests"):
+            raise ValueError(f"balancing policy {self.balance!r} is not random, round-robin or least-requests")
+
+    def serves_region(self, region: str) -> bool:
+        """Whether a replay's ``region`` entry names this fleet (``any`` names every fleet)."""
+        return region == "any" or region == self.region or region in self.region_aliases
+
+
+def _health_path(checks: object) -> str | None:
+    # [[http_service.checks]] is an array of tables; a single [http_service.checks] table is read too.
+    entries = [checks] if isinstance(checks, dict) else checks
+    if not isinstance(entries, list):
+        raise ValueError("http_service.checks must be an array of tables ([[...]])")
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError("each http_service.checks entry must be a table")
+        path = entry.get("path")
+        if path is not None:
+            if not isinstance(path, str):
+                raise ValueError("http_service.checks path must be a string such as /healthz")
+            return path
+    return None
 
 
 def _check_lifecycle(auto_stop: str, min_running: int, soft: int, hard: int | None) -> None:

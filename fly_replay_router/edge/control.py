@@ -13,18 +13,16 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
 
-from fly_replay_router.edge.machine import Machine, MachineControlError, MachineStartError
+from fly_replay_router.asgi import Receive, Scope, Send
+from fly_replay_router.edge.context import EdgeContext
+from fly_replay_router.edge.guard import refusal
+from fly_replay_router.edge.machine import MACHINE_VERBS, Machine, MachineControlError, MachineStartError
 from fly_replay_router.edge.page import send_static, stream_feed
-
-if TYPE_CHECKING:
-    from fly_replay_router.edge.proxy import EdgeProxy
+from fly_replay_router.edge.respond import respond, respond_json
 
 EDGE_PREFIX = "/_edge/"
-MACHINE_VERBS = ("stop", "start", "suspend", "resume", "kill")
 ENDPOINTS = [
     "GET /_edge/ (live page)",
     "GET /_edge/events (SSE feed)",
@@ -32,45 +30,47 @@ ENDPOINTS = [
     "POST /_edge/machines/<id>/stop|start|suspend|resume|kill",
 ]
 
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
-
-async def handle_control(edge: EdgeProxy, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-    """Answer one request under ``/_edge/``."""
+async def handle_control(ctx: EdgeContext, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one request under ``/_edge/``: 403 unless it is addressed to the edge by no foreign page."""
+    refused = refusal(scope, ctx.config.control_names, ctx.config.edge_port)
+    if refused is not None:
+        await respond_json(send, 403, {"error": f"forbidden: {refused}"})
+        return
     method = str(scope["method"])
     path = str(scope["path"])
     parts = [part for part in path.split("/") if part][1:]
     if not parts or parts[0] in ("events", "static"):
         if method not in ("GET", "HEAD"):
-            await _json(send, 405, {"error": "the page and its files answer GET"})
+            await respond_json(send, 405, {"error": "the page and its files answer GET"})
         elif not parts and not path.endswith("/"):
-            await _redirect(send, EDGE_PREFIX)
+            await respond(send, 307, headers=[(b"location", EDGE_PREFIX.encode())])
         elif not parts:
             await send_static("index.html", method, send)
         elif parts == ["events"]:
-            await stream_feed(edge, receive, send)
+            await stream_feed(ctx, receive, send)
         else:
             await send_static("/".join(parts[1:]), method, send)
         return
     if parts == ["status"]:
         if method not in ("GET", "HEAD"):
-            await _json(send, 405, {"error": "use GET /_edge/status"})
+            await respond_json(send, 405, {"error": "use GET /_edge/status"})
             return
-        config = edge.config
-        await _json(send, 200, edge.status.to_json(edge.fleet, app_name=config.app_name, region=config.region))
+        config = ctx.config
+        await respond_json(send, 200, ctx.status.to_json(ctx.fleet, app_name=config.app_name, region=config.region))
         return
     if len(parts) == 3 and parts[0] == "machines" and parts[2] in MACHINE_VERBS:
         if method != "POST":
-            await _json(send, 405, {"error": f"use POST /_edge/machines/<id>/{parts[2]}"})
+            await respond_json(send, 405, {"error": f"use POST /_edge/machines/<id>/{parts[2]}"})
             return
-        await _machine_verb(edge, parts[1], parts[2], send)
+        await _machine_verb(ctx, parts[1], parts[2], send)
         return
-    await _json(send, 404, {"error": "unknown edge endpoint", "endpoints": ENDPOINTS})
+    await respond_json(send, 404, {"error": "unknown edge endpoint", "endpoints": ENDPOINTS})
 
 
-async def _machine_verb(edge: EdgeProxy, machine_id: str, verb: str, send: Send) -> None:
-    fleet = edge.fleet
+async def _machine_verb(ctx: EdgeContext, machine_id: str, verb: str, send: Send) -> None:
+    fleet = ctx.fleet
+    fleet.refresh()  # a control request acts on the machines as they are now
     operations: dict[str, Callable[[str], Awaitable[Machine]]] = {
         "stop": fleet.stop,
         "kill": fleet.kill,
@@ -82,36 +82,13 @@ async def _machine_verb(edge: EdgeProxy, machine_id: str, verb: str, send: Send)
         machine = await operations[verb](machine_id)
     except MachineControlError as exc:
         status = 404 if machine_id not in fleet.machines else 409
-        await _json(send, status, {"error": str(exc)})
+        await respond_json(send, status, {"error": str(exc)})
         return
     except MachineStartError as exc:
-        edge.status.error("machine_start_failed", str(exc))
-        await _json(send, 500, {"error": str(exc), "log": exc.log_tail})
+        ctx.status.error("machine_start_failed", str(exc))
+        await respond_json(send, 500, {"error": str(exc), "log": exc.log_tail})
         return
-    edge.status.record(verb, machine_id)
+    ctx.status.record(verb, machine_id)
     entry = machine.to_json()
-    entry["sessions"] = edge.status.sessions.count(machine_id)
-    await _json(send, 200, entry)
-
-
-async def _redirect(send: Send, location: str) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 307,
-            "headers": [(b"location", location.encode()), (b"content-length", b"0")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _json(send: Send, status: int, document: object) -> None:
-    body = json.dumps(document, indent=2).encode() + b"\n"
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    entry["sessions"] = ctx.status.sessions.count(machine_id)
+    await respond_json(send, 200, entry)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fly_replay_router.edge.machine import Machine, MachineControlError, MachineState, new_machine_id
-from fly_replay_router.edge.process import log_tail, signal_group, spawn, wait_healthy
+from fly_replay_router.edge.process import signal_group, spawn, wait_healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,9 @@ class FleetSpec:
     stop_timeout: float = 5.0
     # fly.toml's [env], set in every machine under the FLY_* variables.
     env: tuple[tuple[str, str], ...] = ()
+    # A started machine is healthy once GET of this path answers 2xx; None: once its port accepts
+    # a TCP connection (an app without [[http_service.checks]]).
+    health_path: str | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,6 +66,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 StateListener = Callable[[Machine, MachineState], None]
+# How often the fleet's own loop looks for processes that exited, where no pidfd reports it.
+WATCH_INTERVAL = 0.5
 
 
 class Fleet:
@@ -108,17 +113,49 @@ class Fleet:
 
     def started(self) -> list[Machine]:
         """Machines in rotation."""
-        self.refresh()
         return [machine for machine in self.machines.values() if machine.state == "started"]
 
     def refresh(self) -> None:
-        """Notice managed machines whose process exited on its own (a crash): they are stopped."""
+        """Notice managed machines whose process exited on its own (a crash): they are stopped.
+
+        Called by the fleet's own loop (``watch``) and before a control request acts; never while
+        reading status, so that looking at the fleet cannot change it.
+        """
         for machine in self.machines.values():
-            process = machine.process
-            if process is not None and machine.state in ("started", "suspended") and process.poll() is not None:
-                machine.exit_code = process.returncode
-                machine.process = None
-                self._set_state(machine, "stopped")
+            self._notice_exit(machine)
+
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """The fleet's own loop, until cancelled: a machine whose process exits on its own is stopped.
+
+        Each process started here is also watched by a pidfd (Linux), which reports an exit at
+        once; the loop is the fallback where there is none.
+        """
+        while True:
+            self.refresh()
+            await asyncio.sleep(interval)
+
+    def _notice_exit(self, machine: Machine) -> None:
+        process = machine.process
+        if process is not None and machine.state in ("started", "suspended") and process.poll() is not None:
+            machine.exit_code = process.returncode
+            machine.process = None
+            self._set_state(machine, "stopped")
+
+    def _watch_exit(self, machine: Machine, process: subprocess.Popen[bytes]) -> None:
+        """Mark ``machine`` stopped as soon as ``process`` exits on its own (a pidfd becomes readable)."""
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            return  # no pidfd here: the watch loop notices instead
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if machine.process is process:
+                self._notice_exit(machine)
+
+        loop.add_reader(pidfd, exited)
 
     async def start_all(self) -> None:
         """Start every stopped managed machine concurrently; raise the first failure after all tried."""
@@ -129,13 +166,13 @@ class Fleet:
                 raise result
 
     async def start(self, machine_id: str) -> Machine:
-        """Start a stopped machine (healthy once ``GET /healthz`` answers 2xx) or resume a suspended one.
+        """Start a stopped machine (once it passes its health check) or resume a suspended one.
 
         Concurrent calls wait for one another: the second finds the machine started.
         """
         machine = self.get(machine_id)
         async with self._lock(machine_id):
-            self.refresh()
+            self._notice_exit(machine)
             if machine.state == "started":
                 return machine
             if machine.state == "suspended":
@@ -153,7 +190,7 @@ class Fleet:
         """SIGSTOP the machine's process group: out of rotation, memory kept."""
         machine = self.get(machine_id)
         async with self._lock(machine_id):
-            self.refresh()
+            self._notice_exit(machine)
             if machine.state == "suspended":
                 return machine
             if machine.state != "started":
@@ -222,10 +259,6 @@ class Fleet:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def log_tail(self, machine: Machine, lines: int = 30) -> str:
-        """The last ``lines`` lines of a machine's log."""
-        return log_tail(machine, lines)
-
     def _lock(self, machine_id: str) -> asyncio.Lock:
         lock = self._locks.get(machine_id)
         if lock is None:
@@ -269,7 +302,7 @@ class Fleet:
         machine.exit_code = None
         machine.process = process = spawn(machine, command, self._environment(machine), machine.log_path)
         try:
-            await wait_healthy(machine, process, self.spec.start_timeout)
+            await wait_healthy(machine, process, self.spec.start_timeout, self.spec.health_path)
         except BaseException:
             if process.poll() is None:
                 signal_group(process, signal.SIGKILL)
@@ -277,6 +310,7 @@ class Fleet:
             self._mark_exited(machine)
             raise
         self._set_state(machine, "started")
+        self._watch_exit(machine, process)
 
     def _mark_exited(self, machine: Machine) -> None:
         if machine.process is not None:

@@ -1,9 +1,10 @@
 """Request and response header rewriting at the edge, as the Fly Proxy does it.
 
-Reference: ``shared/reference/fly-proxy.md``, "Headers the proxy adds to every request" and
-"Request headers a client may send". Client-sent copies of the proxy's own headers are dropped
-(an app must be able to trust ``fly-replay-src``); hop-by-hop headers (RFC 9110 section 7.6.1)
-never cross the proxy.
+References: Fly's "Request headers" (https://fly.io/docs/networking/request-headers/) for the
+headers the proxy adds, and "Dynamic request routing with fly-replay"
+(https://fly.io/docs/networking/dynamic-request-routing/) for those a client may send.
+Client-sent copies of the proxy's own headers are dropped (an app must be able to trust
+``fly-replay-src``); hop-by-hop headers (RFC 9110 section 7.6.1) never cross the proxy.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 MachineState = Literal["starting", "started", "stopping", "stopped", "suspended"]
+# What a user can ask of a machine (the control surface and its command-line verbs).
+MACHINE_VERBS = ("stop", "start", "suspend", "resume", "kill")
 
 
 def new_machine_id() -> str:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from fly_replay_router.edge.proxy import EdgeProxy
+from fly_replay_router.asgi import Receive, Send
+from fly_replay_router.edge.context import EdgeContext
+from fly_replay_router.edge.respond import TEXT, respond, start_response
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Only these files are served: nothing else under the package can be reached by a path.
@@ -28,34 +27,28 @@ STATIC_FILES = {
 }
 FEED_INTERVAL = 0.25
 FEED_ROUTES = 40
-
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_NO_CACHE = (b"cache-control", b"no-cache")
 
 
 async def send_static(name: str, method: str, send: Send) -> None:
     """One of ``STATIC_FILES``, or 404."""
     content_type = STATIC_FILES.get(name)
     if content_type is None:
-        await _plain(send, 404, b"no such file\n", "text/plain; charset=utf-8")
+        await respond(send, 404, b"no such file\n", content_type=TEXT, headers=[_NO_CACHE])
         return
     body = (STATIC_DIR / name).read_bytes()
-    await _plain(send, 200, b"" if method == "HEAD" else body, content_type, length=len(body))
+    shown = b"" if method == "HEAD" else body
+    await respond(send, 200, shown, content_type=content_type, headers=[_NO_CACHE], length=len(body))
 
 
-async def stream_feed(edge: EdgeProxy, receive: Receive, send: Send, *, interval: float = FEED_INTERVAL) -> None:
+async def stream_feed(ctx: EdgeContext, receive: Receive, send: Send, *, interval: float = FEED_INTERVAL) -> None:
     """Send status updates as server-sent events until the page goes away."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"text/event-stream"),
-                (b"cache-control", b"no-cache"),
-                (b"content-encoding", b"none"),  # as Fly recommends for streams: never held back to compress
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"text/event-stream"),
+        _NO_CACHE,
+        (b"content-encoding", b"none"),  # as Fly recommends for streams: never held back to compress
+    ]
+    await start_response(send, 200, headers)
     gone = asyncio.Event()
 
     async def watch() -> None:
@@ -64,21 +57,21 @@ async def stream_feed(edge: EdgeProxy, receive: Receive, send: Send, *, interval
         gone.set()
 
     watcher = asyncio.ensure_future(watch())
-    seen = max(0, edge.status.route_seq - FEED_ROUTES)
-    config = edge.config
+    seen = max(0, ctx.status.route_seq - FEED_ROUTES)
+    config = ctx.config
     try:
-        while not gone.is_set() and not edge.closing:
-            document = edge.status.to_json(
-                edge.fleet, app_name=config.app_name, region=config.region, routes_after=seen, max_routes=FEED_ROUTES
+        while not gone.is_set() and not ctx.closing:
+            document = ctx.status.to_json(
+                ctx.fleet, app_name=config.app_name, region=config.region, routes_after=seen, max_routes=FEED_ROUTES
             )
             document["config"] = {
-                "auto_stop": config.auto_stop,
-                "min_machines_running": config.min_machines_running,
-                "soft_limit": config.soft_limit,
-                "hard_limit": config.hard_limit,
+                "auto_stop": config.fly_toml.auto_stop,
+                "min_machines_running": config.fly_toml.min_machines_running,
+                "soft_limit": config.fly_toml.soft_limit,
+                "hard_limit": config.fly_toml.hard_limit,
                 "autostop_interval": config.autostop_interval,
             }
-            seen = edge.status.route_seq  # no await since to_json: the same number it used
+            seen = ctx.status.route_seq  # no await since to_json: the same number it used
             message = b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
             try:
                 await send({"type": "http.response.body", "body": message, "more_body": True})
@@ -90,18 +83,3 @@ async def stream_feed(edge: EdgeProxy, receive: Receive, send: Send, *, interval
         watcher.cancel()
     with contextlib.suppress(OSError, RuntimeError):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _plain(send: Send, status: int, body: bytes, content_type: str, *, length: int | None = None) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body) if length is None else length).encode()),
-                (b"cache-control", b"no-cache"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -44,20 +44,37 @@ def spawn(machine: Machine, command: list[str], env: dict[str, str], log_path: P
         )
 
 
-async def wait_healthy(machine: Machine, process: subprocess.Popen[bytes], within: float) -> None:
-    """Poll ``GET /healthz`` until 2xx; ``MachineStartError`` if the process exits or time runs out."""
+async def wait_healthy(
+    machine: Machine, process: subprocess.Popen[bytes], within: float, health_path: str | None
+) -> None:
+    """Wait until the machine passes its health check; ``MachineStartError`` if it exits or time runs out.
+
+    With ``health_path``, a ``GET`` of it must answer 2xx (redirects are not followed), as Fly's
+    HTTP checks (``[[http_service.checks]]``) require; without, a TCP connection to the machine's
+    port must open (uvicorn listens only once the app's lifespan has started).
+    """
     deadline = time.monotonic() + within
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while True:
             if process.poll() is not None:
                 raise MachineStartError(machine.id, f"process exited with code {process.returncode}", log_tail(machine))
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with session.get(f"{machine.url}/healthz") as response:
-                    if 200 <= response.status < 300:
-                        return
+            if await _passes(session, machine, health_path):
+                return
             if time.monotonic() > deadline:
-                raise MachineStartError(machine.id, f"GET /healthz not 2xx after {within:g}s", log_tail(machine))
+                check = f"GET {health_path} not 2xx" if health_path else f"no TCP connection on port {machine.port}"
+                raise MachineStartError(machine.id, f"{check} after {within:g}s", log_tail(machine))
             await asyncio.sleep(0.05)
+
+
+async def _passes(session: aiohttp.ClientSession, machine: Machine, health_path: str | None) -> bool:
+    with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        if health_path is None:
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", machine.port), 2)
+            writer.close()
+            return True
+        async with session.get(machine.url + health_path, allow_redirects=False) as response:
+            return 200 <= response.status < 300
+    return False
 
 
 def log_tail(machine: Machine, lines: int = 30) -> str:

@@ -1,6 +1,8 @@
 """Where a request goes: the first hop, then every ``fly-replay`` answer until a real one.
 
-Fly's rules (``shared/reference/fly-proxy.md``) as the edge applies them:
+Fly's rules ("Dynamic request routing with fly-replay",
+https://fly.io/docs/networking/dynamic-request-routing/, and "Error codes and troubleshooting",
+https://fly.io/docs/reference/error-codes/) as the edge applies them:
 
 - first hop: ``fly-force-instance-id`` (retried, no fallback), else a replay cache hit, else
   ``fly-prefer-instance-id`` (another machine with ``fly-preferred-instance-unavailable``), else the
@@ -16,19 +18,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from fly_replay_router import fly
 from fly_replay_router.edge.cache import CacheLookup
+from fly_replay_router.edge.context import EdgeContext
+from fly_replay_router.edge.errors import EdgeError, RoutingFailure
 from fly_replay_router.edge.headers import ClientRequest, Headers, replace_headers
 from fly_replay_router.edge.machine import Machine
-from fly_replay_router.edge.targets import Dispatcher, EdgeError, RoutingFailure
+from fly_replay_router.edge.targets import Dispatcher
 from fly_replay_router.edge.upstream import ConnectFailed, RequestBody, finish_upstream
-
-if TYPE_CHECKING:
-    from fly_replay_router.edge.proxy import EdgeProxy
 
 logger = logging.getLogger("fly_replay_router.edge")
 
@@ -37,16 +37,16 @@ _MAX_INSTRUCTION_BODY = 16 * fly.MAX_HEADER_VALUE + 1
 
 
 class Router:
-    """Routes one request. Per-request state lives here, never on the ``EdgeProxy``."""
+    """Routes one request. Per-request state lives here, never in the shared ``EdgeContext``."""
 
-    def __init__(self, edge: EdgeProxy, request: ClientRequest, body: RequestBody) -> None:
-        self.edge = edge
+    def __init__(self, ctx: EdgeContext, request: ClientRequest, body: RequestBody) -> None:
+        self.ctx = ctx
         self.request = request
         self.body = body
-        self.lookup: CacheLookup = edge.cache.lookup(
+        self.lookup: CacheLookup = ctx.cache.lookup(
             request.path, request.header_map(), skip_requested=request.cache_skip
         )
-        self.to = Dispatcher(edge, request, body)
+        self.to = Dispatcher(ctx, request, body)
         self._served_from_cache = False
         # Every machine that answered, in order: where the request landed, then each replay target.
         self.hops: list[str] = []
@@ -72,16 +72,16 @@ class Router:
                 return response, machine
             machine.replays_answered += 1
             if hit is not None:
-                self.edge.cache.invalidate(hit)  # the cached target no longer takes these requests
+                self.ctx.cache.invalidate(hit)  # the cached target no longer takes these requests
                 hit = None
             if fallback_hop:
                 raise EdgeError(502, "PA02", f"machine {machine.id} replayed a fallback request, which Fly forbids")
-            if replays >= self.edge.config.max_replays:
-                raise EdgeError(502, "PA02", f"more than {self.edge.config.max_replays} replays for one request")
+            if replays >= self.ctx.config.max_replays:
+                raise EdgeError(502, "PA02", f"more than {self.ctx.config.max_replays} replays for one request")
             if not self.body.replayable:
                 raise EdgeError(502, "PA01", "request body too large (or of unknown length) to replay")
             replays += 1
-            self.edge.status.replays += 1
+            self.ctx.status.replays += 1
             replayer = machine
             try:
                 response, machine = await self._replay(instruction, replayer)
@@ -102,11 +102,11 @@ class Router:
         request, headers = self.request, self.request.headers
         if request.force_instance is not None:
             try:
-                return await self.to.forced(request.force_instance, headers, self.edge.config.default_replay_timeout)
+                return await self.to.forced(request.force_instance, headers, self.ctx.config.default_replay_timeout)
             except RoutingFailure as failure:
                 raise EdgeError(502, "unreachable", f"fly-force-instance-id: {failure.detail}") from None
         if self.lookup.target is not None:
-            machine = self.edge.fleet.machines.get(self.lookup.target)
+            machine = self.ctx.fleet.machines.get(self.lookup.target)
             if machine is not None and machine.state == "started":
                 cached = replace_headers(headers, [(fly.FLY_REPLAY_CACHE_STATUS, "hit")])
                 try:
@@ -115,10 +115,10 @@ class Router:
                     pass
                 else:
                     self._served_from_cache = True
-                    self.edge.status.replay_cache_hits += 1
+                    self.ctx.status.replay_cache_hits += 1
                     return response, machine
             if self.lookup.hit is not None:
-                self.edge.cache.invalidate(self.lookup.hit)  # an optimisation, never a guarantee
+                self.ctx.cache.invalidate(self.lookup.hit)  # an optimisation, never a guarantee
         if request.prefer_instance is not None:
             return await self.to.preferred(request.prefer_instance, headers)
         return await self.to.balanced(headers, exclude=set())
@@ -150,7 +150,7 @@ class Router:
         self, instruction: fly.ReplayInstruction, replayer: Machine
     ) -> tuple[aiohttp.ClientResponse, Machine]:
         """Send the original request where ``instruction`` says, with ``fly-replay-src``."""
-        config = self.edge.config
+        config = self.ctx.config
         source = fly.ReplaySource(
             instance=replayer.id, region=config.region, t=time.time_ns() // 1000, state=instruction.state
         )
@@ -186,13 +186,13 @@ class Router:
         self, instruction: fly.ReplayInstruction, replayer: Machine, failure: RoutingFailure
     ) -> tuple[aiohttp.ClientResponse, Machine]:
         """Bring the request back (``force_self``: the replaying machine; ``prefer_self``: or any)."""
-        edge = self.edge
-        edge.status.fallbacks += 1
-        edge.status.record("fallback", f"{replayer.id} -> {failure.target}: {failure.reason}")
+        ctx = self.ctx
+        ctx.status.fallbacks += 1
+        ctx.status.record("fallback", f"{replayer.id} -> {failure.target}: {failure.reason}")
         report = fly.ReplayFailure(
             instance=failure.target,
-            app=edge.config.app_name,
-            region=edge.config.region,
+            app=ctx.config.app_name,
+            region=ctx.config.region,
             replay_source=replayer.id,
             reason=failure.reason,
             elapsed_ms=failure.elapsed_ms,
@@ -201,7 +201,7 @@ class Router:
         logger.info("replay to %s failed (%s); falling back to %s", failure.target, failure.reason, replayer.id)
         try:
             if instruction.fallback == "force_self":
-                return await self.to.forced(replayer.id, headers, edge.config.default_replay_timeout)
+                return await self.to.forced(replayer.id, headers, ctx.config.default_replay_timeout)
             return await self.to.preferred(replayer.id, headers)
         except RoutingFailure as second:
             raise EdgeError(502, "unreachable", f"fallback to {replayer.id} failed: {second.detail}") from None
@@ -209,7 +209,7 @@ class Router:
     # --- replay cache ----------------------------------------------------------------------
 
     def _cacheable(self, instruction: fly.ReplayInstruction) -> bool:
-        # A cached replay cannot carry state, transforms, timeout or fallback (fly-proxy.md).
+        # A cached replay cannot carry state, transforms, timeout or fallback (Fly's replay caching rules).
         return (
             instruction.state is None
             and instruction.transform is None
@@ -223,10 +223,10 @@ class Router:
             return
         session_key = self.lookup.session_key
         if session_key is not None and not self.lookup.bypass and instruction.instance == machine.id:
-            self.edge.cache.remember_session(session_key, machine.id)
+            self.ctx.cache.remember_session(session_key, machine.id)
         pattern, ttl = self._path_rule
         if pattern is not None:
-            self.edge.cache.remember_path(pattern, ttl, machine.id)
+            self.ctx.cache.remember_path(pattern, ttl, machine.id)
 
     def _cache_invalidation(self, response: aiohttp.ClientResponse, instruction: fly.ReplayInstruction | None) -> None:
         """Read a response's cache headers: ``invalidate``, or a path rule to store after the replay."""
@@ -236,7 +236,7 @@ class Router:
         if invalidate:
             for key in (self.lookup.hit, self.lookup.session_key):
                 if key is not None:
-                    self.edge.cache.invalidate(key)
+                    self.ctx.cache.invalidate(key)
             self._path_rule = (None, 0)
             return
         ttl_text = response.headers.get(fly.FLY_REPLAY_CACHE_TTL_SECS, "")

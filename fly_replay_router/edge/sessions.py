@@ -1,7 +1,7 @@
 """Which machine owns which open MCP session, as far as the edge can see from the outside.
 
 The affinity layer names a session's owner in its token: the part before the first ``.`` is the
-owner machine's id (``fly_replay_router/affinity/token.py``). The edge watches for tokens without reading
+owner machine's id (``fly_replay_router.protocol.owner_of``). The edge watches for tokens without reading
 bodies, except the first bytes of a legacy ``/sse`` stream:
 
 - a response carrying an ``Mcp-Session-Id`` the request did not carry opens a session;
@@ -16,23 +16,24 @@ Bounded: at most ``per_machine`` tokens per machine (further ones are counted, n
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
-from fly_replay_router.protocol import owner_of
+from fly_replay_router.protocol import ENDPOINT_SESSION_PARAM, owner_of
 
-# The endpoint event of the legacy HTTP+SSE transport carries the session in its query.
-_ENDPOINT_SESSION = re.compile(rb"session_id=([A-Za-z0-9_.\-]{1,256})")
 # Generous: the endpoint event is the stream's first event and is short.
 SSE_PEEK_BYTES = 4096
+# Longer than any token the layer issues; a longer value is not one to keep.
+_MAX_TOKEN = 1024
 
 
 def endpoint_session(chunk: bytes) -> str | None:
     """The session token in a legacy ``/sse`` stream's first bytes, if they hold the endpoint event."""
     if b"endpoint" not in chunk:
         return None
-    match = _ENDPOINT_SESSION.search(chunk)
-    return match.group(1).decode() if match else None
+    match = ENDPOINT_SESSION_PARAM.search(chunk)
+    if match is None or len(match.group(2)) > _MAX_TOKEN:
+        return None
+    return match.group(2).decode("latin-1")
 
 
 class SessionBook:
@@ -53,6 +54,19 @@ class SessionBook:
             tokens.add(token)
         elif token not in tokens:
             self._overflow[owner] = self._overflow.get(owner, 0) + 1
+
+    def note_exchange(
+        self, method: str, sent: str | None, status: int, answered: str | None, machines: Mapping[str, object]
+    ) -> None:
+        """One request and its answer: ``sent`` / ``answered`` are the ``Mcp-Session-Id`` of each, if any.
+
+        A new id in the answer opens a session; a 404 for the sent id, or a DELETE of it answered
+        2xx, ends one (MCP "Session Management": the server answers 404 for a session it ended).
+        """
+        if answered is not None and answered != sent:
+            self.opened(answered, machines)
+        if sent is not None and (status == 404 or (method == "DELETE" and status < 300)):
+            self.closed(sent)
 
     def closed(self, token: str) -> None:
         """The session ``token`` ended (DELETE, 404, or its legacy stream closed)."""

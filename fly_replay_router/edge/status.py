@@ -78,8 +78,8 @@ class EdgeStatus:
 
         ``routes`` holds at most ``max_routes`` of the newest routing events, only those after
         ``routes_after`` when given; ``routes_skipped`` says how many newer-than-that were left out.
+        Reading only: machine state changes through the fleet's own loop and control requests.
         """
-        fleet.refresh()
         rates = self._rates(fleet)
         machines = []
         for machine in fleet.machines.values():

@@ -3,10 +3,13 @@
 Fly retries a request whose connection could not be opened (the request never reached the app) on
 another machine, or on the same forced machine until the replay ``timeout``; a stopped or suspended
 machine that a replay or a force header names is started or resumed first, and the request waits
-for it (autostart). ``shared/reference/fly-proxy.md``.
+for it (autostart). References: "Dynamic request routing with fly-replay"
+(https://fly.io/docs/networking/dynamic-request-routing/), "Fly Proxy autostop/autostart"
+(https://fly.io/docs/reference/fly-proxy-autostop-autostart/).
 
-Load, as Fly's load balancing page describes it, counted in requests in flight per machine (the
-edge only sees requests, so ``type = "connections"`` is counted the same way):
+Load, as Fly's "Load balancing" page (https://fly.io/docs/reference/load-balancing/) describes it,
+counted in requests in flight per machine (the edge only sees requests, so ``type = "connections"``
+is counted the same way):
 
 - below ``soft_limit``: a candidate;
 - at or above ``soft_limit``: used only when every running machine is there too, and then only
@@ -25,17 +28,15 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from fly_replay_router import fly
+from fly_replay_router.edge.context import EdgeContext
+from fly_replay_router.edge.errors import EdgeError, RoutingFailure
 from fly_replay_router.edge.headers import ClientRequest, Headers, replace_headers
 from fly_replay_router.edge.machine import Machine, MachineStartError
 from fly_replay_router.edge.upstream import ConnectFailed, RequestBody, send_upstream
-
-if TYPE_CHECKING:
-    from fly_replay_router.edge.proxy import EdgeProxy
 
 logger = logging.getLogger("fly_replay_router.edge")
 
@@ -46,32 +47,11 @@ _QUEUE_PAUSE = 0.02
 _CONNECT_TIMEOUT = 2.0
 
 
-class EdgeError(Exception):
-    """A request the edge answers itself: ``status`` and a body naming ``code`` (``PA01`` ...)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class RoutingFailure(Exception):
-    """No connection to a replay target could be opened (``fly-replay-failed``'s ``reason``)."""
-
-    def __init__(self, reason: fly.FailureReason, target: str, detail: str, *, elapsed_ms: int | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.target = target
-        self.detail = detail
-        self.elapsed_ms = elapsed_ms
-
-
 class Dispatcher:
     """Sends one request's attempts to machines; raises ``RoutingFailure`` or ``EdgeError``."""
 
-    def __init__(self, edge: EdgeProxy, request: ClientRequest, body: RequestBody) -> None:
-        self.edge = edge
+    def __init__(self, ctx: EdgeContext, request: ClientRequest, body: RequestBody) -> None:
+        self.ctx = ctx
         self.request = request
         self.body = body
 
@@ -79,11 +59,11 @@ class Dispatcher:
         """One attempt on ``machine``; ``ConnectFailed`` if it refused the connection."""
         if not self.body.can_send:
             raise EdgeError(502, "PA01", "request body was already streamed and cannot be sent again")
-        config = self.edge.config
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=config.idle_timeout)
+        idle = self.ctx.config.fly_toml.idle_timeout
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=idle)
         try:
             return await send_upstream(
-                self.edge.session(),
+                self.ctx.upstream.session(),
                 machine,
                 method=self.request.method,
                 path_qs=path_qs or self.request.path_qs,
@@ -92,8 +72,7 @@ class Dispatcher:
                 timeouts=timeout,
             )
         except ConnectFailed:
-            self.edge.status.retries += 1
-            self.edge.fleet.refresh()
+            self.ctx.status.retries += 1
             if machine.state == "started":
                 machine.unreachable = True
             raise
@@ -107,23 +86,23 @@ class Dispatcher:
     ) -> tuple[aiohttp.ClientResponse, Machine]:
         """Exactly ``machine_id``: autostart it if stopped, retry refused connections for ``patience`` s."""
         started = time.monotonic()
-        machine = self.edge.fleet.machines.get(machine_id)
+        machine = self.ctx.fleet.machines.get(machine_id)
         if machine is None:
-            detail = f"no machine {machine_id} in app {self.edge.config.app_name}"
+            detail = f"no machine {machine_id} in app {self.ctx.config.app_name}"
             raise RoutingFailure("no_candidate", machine_id, detail, elapsed_ms=0)
-        config = self.edge.config
+        config = self.ctx.config
         queued = False
         while True:
             elapsed = time.monotonic() - started
-            if machine.state != "started" and config.auto_start:
+            if machine.state != "started" and config.fly_toml.auto_start:
                 await self.autostart(machine)
             if machine.state != "started":
                 why = f"machine {machine_id} is {machine.state} and auto_start_machines is off"
-            elif config.hard_limit is not None and machine.in_flight >= config.hard_limit:
-                why = f"machine {machine_id} stayed at its hard limit ({config.hard_limit}) for {patience:g}s"
+            elif config.fly_toml.hard_limit is not None and machine.in_flight >= config.fly_toml.hard_limit:
+                why = f"machine {machine_id} stayed at its hard limit ({config.fly_toml.hard_limit}) for {patience:g}s"
                 if not queued:
                     queued = True
-                    self.edge.status.queued += 1
+                    self.ctx.status.queued += 1
             else:
                 try:
                     return await self.send(machine, headers, path_qs), machine
@@ -137,12 +116,12 @@ class Dispatcher:
     async def autostart(self, machine: Machine) -> None:
         """Start a stopped machine, resume a suspended one, or wait for the start already under way."""
         if machine.state in ("stopped", "suspended"):
-            self.edge.status.autostarts += 1
+            self.ctx.status.autostarts += 1
             verb = "resuming" if machine.state == "suspended" else "starting"
-            self.edge.status.record("autostart", f"{verb} {machine.id}")
+            self.ctx.status.record("autostart", f"{verb} {machine.id}")
             logger.info("autostart: %s machine %s", verb, machine.id)
         try:
-            await self.edge.fleet.start(machine.id)
+            await self.ctx.fleet.start(machine.id)
         except MachineStartError as exc:
             raise RoutingFailure("retries_exhausted", machine.id, str(exc)) from None
 
@@ -150,7 +129,7 @@ class Dispatcher:
         self, machine_id: str, headers: Headers, path_qs: str | None = None
     ) -> tuple[aiohttp.ClientResponse, Machine]:
         """``machine_id`` if it can take the request, else another with ``fly-preferred-instance-unavailable``."""
-        machine = self.edge.fleet.machines.get(machine_id)
+        machine = self.ctx.fleet.machines.get(machine_id)
         if machine is not None and machine.state == "started":
             try:
                 return await self.send(machine, headers, path_qs), machine
@@ -170,15 +149,15 @@ class Dispatcher:
         Wakes a stopped or suspended machine when none runs below its soft limit; queues up to
         ``queue_timeout`` when every machine is at its hard limit.
         """
-        config, fleet = self.edge.config, self.edge.fleet
-        soft, hard = config.soft_limit, config.hard_limit
+        config, fleet = self.ctx.config, self.ctx.fleet
+        soft, hard = config.fly_toml.soft_limit, config.fly_toml.hard_limit
         tried = set(exclude)
         deadline: float | None = None
         while True:
             running = [m for m in fleet.started() if m.id not in tried]
             room = [m for m in running if hard is None or m.in_flight < hard]
             relaxed = [m for m in room if m.in_flight < soft]
-            asleep = [] if relaxed or not config.auto_start else self._asleep(tried)
+            asleep = [] if relaxed or not config.fly_toml.auto_start else self._asleep(tried)
             if relaxed:
                 machine = self.pick(relaxed)
             elif asleep:
@@ -195,7 +174,7 @@ class Dispatcher:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + config.queue_timeout
-                    self.edge.status.queued += 1
+                    self.ctx.status.queued += 1
                 if now >= deadline:
                     detail = f"every machine stayed at its hard limit ({hard}) for {config.queue_timeout:g}s"
                     raise EdgeError(503, "no_capacity", detail)
@@ -211,14 +190,14 @@ class Dispatcher:
     def _asleep(self, tried: set[str]) -> list[Machine]:
         """Machines that autostart can wake, suspended first (resuming is faster than booting)."""
         order = {"suspended": 0, "starting": 1, "stopped": 2}
-        asleep = [m for m in self.edge.fleet.machines.values() if m.id not in tried and m.state in order]
+        asleep = [m for m in self.ctx.fleet.machines.values() if m.id not in tried and m.state in order]
         return sorted(asleep, key=lambda m: order[m.state])
 
     def pick(self, candidates: list[Machine]) -> Machine:
         """The balancing policy: random (default), round-robin or least-requests."""
-        policy = self.edge.config.balance
+        policy = self.ctx.config.balance
         if policy == "round-robin":
-            return candidates[next(self.edge.round_robin) % len(candidates)]
+            return candidates[next(self.ctx.round_robin) % len(candidates)]
         if policy == "least-requests":
             return min(candidates, key=lambda m: (m.in_flight, m.requests))
         return random.choice(candidates)

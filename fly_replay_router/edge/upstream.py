@@ -1,27 +1,49 @@
-"""Talking to machines: the request body the edge may replay, and one upstream attempt.
+"""Talking to machines: the connection pool, the request body the edge may replay, one upstream attempt.
 
-Fly buffers a request body so that it can replay it, up to 1 MB (``shared/reference/fly-proxy.md``,
-"Limits"); a larger body, or one of unknown length (chunked), is streamed to the first machine and
-cannot be replayed (PA01). The upstream client is aiohttp: the performance notes measured it at
-about a fifth of httpx's CPU per proxied request.
+Fly buffers a request body so that it can replay it, up to 1 MB ("Dynamic request routing with
+fly-replay", https://fly.io/docs/networking/dynamic-request-routing/); a larger body, or one of
+unknown length (chunked), is streamed to the first machine and cannot be replayed (PA01). The
+upstream client is aiohttp: measured here at about a fifth of httpx's CPU per proxied request.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 from multidict import CIMultiDict
 
+from fly_replay_router.asgi import Receive
 from fly_replay_router.edge.headers import Headers
 from fly_replay_router.edge.machine import Machine
 
-Receive = Callable[[], Any]
-
 # aiohttp would otherwise add headers the client did not send.
 SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+class UpstreamPool:
+    """The one upstream client of an edge, created in the running loop on first use."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The shared client (no connection limit: every open SSE stream holds one connection)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=_NoCookies())
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _NoCookies(aiohttp.DummyCookieJar):
+    """The edge passes the client's cookies through and keeps none of its own."""
 
 
 class ConnectFailed(Exception):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from fly_replay_router.edge.config import EdgeConfig
+from fly_replay_router.edge.config import EdgeConfig, FlyToml
 from fly_replay_router.edge.fleet import Fleet
 from fly_replay_router.edge.proxy import EdgeProxy
 from fly_replay_router.edge.serve import edge_server
@@ -134,9 +134,11 @@ def make_edge(servers: list[ThreadServer]) -> Callable[..., Edge]:
             backends = {probe.id: probe.url for probe in backends}
         fleet = Fleet.from_backends(backends)
         proxies: list[EdgeProxy] = []
+        # What fly.toml sets goes to FlyToml (which EdgeConfig holds), the rest to EdgeConfig.
+        toml = {name: config.pop(name) for name in list(config) if name in FlyToml.__dataclass_fields__}
 
         def build(port: int) -> uvicorn.Server:
-            proxies.append(EdgeProxy(fleet, EdgeConfig(edge_port=port, **config)))
+            proxies.append(EdgeProxy(fleet, EdgeConfig(fly_toml=FlyToml(**toml), edge_port=port, **config)))
             return edge_server(proxies[0])
 
         server = ThreadServer(build)

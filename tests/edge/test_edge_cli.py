@@ -29,8 +29,14 @@ def test_help_explains_every_option() -> None:
     )
     assert result.returncode == 0
     options = ("--machines", "--app", "--backend", "--port", "--host", "--balance", "--fly-toml", "--app-name")
-    for option in (*options, "--autostop-interval"):
+    more = ("--autostop-interval", "--health-path", "--mcp-path", "--log-dir", "--app-dir", "--region", "--log-level")
+    for option in (*options, *more):
         assert option in result.stdout
+    # The console script is the same command.
+    script = Path(sys.executable).with_name("fly-replay-edge")
+    installed = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert installed.returncode == 0
+    assert "--health-path" in installed.stdout
 
 
 def test_startup_prints_the_fleet(fleet: FleetProcess) -> None:
@@ -174,3 +180,57 @@ def test_backends_started_elsewhere(tmp_path: Path, make_probes) -> None:
         assert served == {a.id, b.id}
     finally:
         assert process.stop() == 0
+
+
+USER_FLY_TOML = """
+app = "notes"
+[http_service]
+  internal_port = 8080
+  [[http_service.checks]]
+    method = "GET"
+    path = "/ready"
+    interval = "15s"
+"""
+
+
+def test_a_user_app_with_its_own_health_path_and_mcp_path(tmp_path: Path) -> None:
+    """fly.toml's check path decides health; the banner does not invent /mcp; --log-dir is created."""
+    toml = tmp_path / "fly.toml"
+    toml.write_text(USER_FLY_TOML)
+    log_dir = tmp_path / "not" / "yet" / "there"
+    args = ["--machines", "2", "--app", "tests.edge.plain_app:app", "--fly-toml", str(toml), "--log-dir", str(log_dir)]
+    with running_fleet(args, tmp_path / "edge.log") as process:
+        text = process.text()
+        machines = process.status()["machines"]
+        assert [m["state"] for m in machines] == ["started", "started"]
+        with httpx.Client(base_url=process.url) as client:
+            assert client.get("/notes/mcp").status_code == 200
+    assert f"{process.url}/mcp" not in text  # nothing claims the demo's endpoint
+    assert "give --mcp-path" in text
+    assert "GET /ready" in text
+    for machine in machines:
+        log = (log_dir / f"{machine['id']}.log").read_text()
+        assert "plain-app GET /ready" in log
+        assert "/healthz" not in log
+
+
+def test_backends_alone_mean_only_those_machines(tmp_path: Path, make_probes) -> None:
+    a, b = make_probes(2)
+    args = ["--backend", f"{a.id}={a.url}", "--backend", f"{b.id}={b.url}", "--mcp-path", "/notes/mcp"]
+    with running_fleet(args, tmp_path / "edge.log") as process:
+        assert {m["id"] for m in process.status()["machines"]} == {a.id, b.id}
+        text = process.text()
+    assert f"MCP:      {process.url}/notes/mcp" in text
+    assert "legacy SSE" not in text
+
+
+def test_an_app_without_http_checks_is_up_once_its_port_opens(tmp_path: Path) -> None:
+    """No [[http_service.checks]] and no --health-path: a TCP connect check, no GET /healthz at all."""
+    toml = tmp_path / "fly.toml"
+    toml.write_text('app = "notes"\n')
+    log_dir = tmp_path / "logs"
+    args = ["--machines", "1", "--app", "tests.edge.plain_app:app", "--fly-toml", str(toml), "--log-dir", str(log_dir)]
+    with running_fleet(args, tmp_path / "edge.log") as process:
+        (machine,) = process.status()["machines"]
+        assert "TCP connection" in process.text()
+    assert "plain-app GET" not in (log_dir / f"{machine['id']}.log").read_text()

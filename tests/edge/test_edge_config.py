@@ -82,7 +82,7 @@ def test_edge_config_validates() -> None:
     with pytest.raises(ValueError, match="balancing policy"):
         EdgeConfig(balance="sticky")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="idle_timeout"):
-        EdgeConfig(idle_timeout=0)
+        FlyToml(idle_timeout=0)
 
 
 def test_env_table_is_read(tmp_path: Path) -> None:

@@ -1,130 +1,17 @@
-"""Fly Proxy's header grammar, in both directions.
+"""``fly-replay``: an app's instruction to the proxy, in its header and JSON forms.
 
-The affinity layer writes ``fly-replay`` and reads ``fly-replay-src`` / ``fly-replay-failed``;
-the simulated edge reads ``fly-replay`` (header and JSON forms) and writes the others. Both import
-this module and nothing else of each other, so the two sides cannot drift apart.
-
-Reference: Fly's "Dynamic request routing with fly-replay" and "Proxy error codes" pages, as
-summarised in ``shared/reference/fly-proxy.md``.
+Reference: "Dynamic request routing with fly-replay" (https://fly.io/docs/networking/dynamic-request-routing/):
+the fields, the JSON form (``application/vnd.fly.replay+json``) with ``transform`` and ``cache``,
+and error PA03 for an instruction the proxy cannot follow.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, field
-from typing import Literal
 
-# Response headers an app sends to the proxy.
-FLY_REPLAY = "fly-replay"
-FLY_REPLAY_CACHE = "fly-replay-cache"
-FLY_REPLAY_CACHE_TTL_SECS = "fly-replay-cache-ttl-secs"
-REPLAY_JSON_CONTENT_TYPE = "application/vnd.fly.replay+json"
-
-# Request headers the proxy adds.
-FLY_REPLAY_SRC = "fly-replay-src"
-FLY_REPLAY_FAILED = "fly-replay-failed"
-FLY_PREFERRED_INSTANCE_UNAVAILABLE = "fly-preferred-instance-unavailable"
-FLY_REPLAY_CACHE_STATUS = "fly-replay-cache-status"
-FLY_REQUEST_ID = "fly-request-id"
-FLY_CLIENT_IP = "fly-client-ip"
-FLY_REGION = "fly-region"
-FLY_FORWARDED_PORT = "fly-forwarded-port"
-
-# Request headers a client may send.
-FLY_FORCE_INSTANCE_ID = "fly-force-instance-id"
-FLY_PREFER_INSTANCE_ID = "fly-prefer-instance-id"
-FLY_REPLAY_CACHE_CONTROL = "fly-replay-cache-control"
-
-Fallback = Literal["force_self", "prefer_self"]
-FailureReason = Literal["timeout", "retries_exhausted", "no_candidate"]
-
-MACHINE_ID_PATTERN = re.compile(r"[0-9a-z]{1,32}")
-# Values the header grammar can carry unchanged: no separators, quotes or spaces.
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
-_STATE = re.compile(r"[\x21\x23-\x3a\x3c-\x7e]{1,512}")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-# Longer than any proxy keeps trying, and short enough to stay an exact float of milliseconds.
-MAX_DURATION_SECONDS = 24 * 3600
-# A header value longer than this is not a replay instruction anyone meant to send.
-MAX_HEADER_VALUE = 4096
-# Fly's proxy buffers at most this much of a request body for a replay; a larger body, or one of
-# unknown length (chunked), cannot be replayed (error PA01).
-REPLAY_BODY_LIMIT = 1024 * 1024
-# RFC 9110 section 7.6.1: meaningful for one connection only, so never passed on by a proxy. Also
-# "expect": whoever reads the body (the edge, or the layer forwarding it) answers 100-continue itself.
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-     "trailer", "transfer-encoding", "upgrade", "expect"}
-)  # fmt: skip
-# The region of a machine outside Fly (the layer's logs, the local fleet): a code shaped like Fly's.
-DEFAULT_REGION = "lcl"
-
-
-class InvalidReplay(ValueError):
-    """A ``fly-replay`` instruction the proxy cannot follow (Fly's error PA03)."""
-
-
-def parse_fields(value: str) -> dict[str, str]:
-    """Split ``key=value;key="a,b"`` into a dict; the last of repeated keys wins.
-
-    Lenient on purpose (spaces, empty segments, unknown keys): the callers decide which keys
-    matter. A segment without ``=`` maps to the empty string.
-    """
-    fields: dict[str, str] = {}
-    for segment in _split_outside_quotes(value, ";"):
-        key, _, raw = segment.partition("=")
-        key = key.strip().lower()
-        if not key:
-            continue
-        raw = raw.strip()
-        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-            raw = raw[1:-1]
-        fields[key] = raw
-    return fields
-
-
-def _split_outside_quotes(value: str, separator: str) -> list[str]:
-    parts: list[str] = []
-    start = 0
-    quoted = False
-    for index, char in enumerate(value):
-        if char == '"':
-            quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append(value[start:index])
-            start = index + 1
-    parts.append(value[start:])
-    return parts
-
-
-def _format_fields(pairs: list[tuple[str, str]]) -> str:
-    return ";".join(f'{key}="{value}"' if "," in value else f"{key}={value}" for key, value in pairs)
-
-
-def _join_present(**fields: str | int | None) -> str:
-    return ";".join(f"{key}={value}" for key, value in fields.items() if value is not None)
-
-
-def parse_duration(text: str) -> float:
-    """``800ms`` / ``10s`` / ``1.5m`` -> seconds. Raises ``InvalidReplay`` on anything else."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise InvalidReplay(f"timeout {text[:40]!r} is not a duration such as 800ms or 10s")
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
-        raise InvalidReplay(f"timeout {text[:40]!r} is longer than {MAX_DURATION_SECONDS // 3600} hours")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds -> the shortest exact ``ms`` or ``s`` form Fly accepts."""
-    milliseconds = round(seconds * 1000)
-    if milliseconds % 1000 == 0:
-        return f"{milliseconds // 1000}s"
-    return f"{milliseconds}ms"
+from fly_replay_router.fly.fields import InvalidReplay, format_duration, format_fields, parse_duration, parse_fields
+from fly_replay_router.fly.names import MACHINE_ID_PATTERN, MAX_HEADER_VALUE, NAME, STATE, Fallback
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +55,11 @@ class ReplayInstruction:
             raise InvalidReplay("instance and prefer_instance exclude each other")
         if self.timeout is not None and not self.timeout >= 0.001:
             raise InvalidReplay("timeout must be positive, at least 1ms")
-        if self.state is not None and not _STATE.fullmatch(self.state):
+        if self.state is not None and not STATE.fullmatch(self.state):
             raise InvalidReplay("state must be visible ASCII without ';' or '\"'")
-        if any(not _NAME.fullmatch(region) for region in self.regions):
+        if any(not NAME.fullmatch(region) for region in self.regions):
             raise InvalidReplay("a region must be letters, digits, '-' or '_'")
-        if self.app is not None and not _NAME.fullmatch(self.app):
+        if self.app is not None and not NAME.fullmatch(self.app):
             raise InvalidReplay("app must be letters, digits, '-' or '_'")
 
     def to_header(self) -> str:
@@ -196,7 +83,7 @@ class ReplayInstruction:
             pairs.append(("timeout", format_duration(self.timeout)))
         if self.fallback is not None:
             pairs.append(("fallback", self.fallback))
-        return _format_fields(pairs)
+        return format_fields(pairs)
 
 
 _KNOWN_FIELDS = frozenset({"instance", "prefer_instance", "region", "app", "elsewhere", "state", "timeout", "fallback"})
@@ -323,64 +210,3 @@ def _cache_from_json(raw: object) -> ReplayCacheDirective | None:
     if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 10:
         raise InvalidReplay("cache.ttl must be a whole number of seconds, at least 10")
     return ReplayCacheDirective(prefix=prefix, ttl_seconds=ttl)
-
-
-@dataclass(frozen=True, slots=True)
-class ReplaySource:
-    """``fly-replay-src``: which machine replayed the request to this one."""
-
-    instance: str | None = None
-    region: str | None = None
-    t: int | None = None
-    state: str | None = None
-
-    def to_header(self) -> str:
-        return _join_present(instance=self.instance, region=self.region, t=self.t, state=self.state)
-
-
-def parse_replay_src(value: str) -> ReplaySource:
-    """Parse ``fly-replay-src`` in any field order, with fields missing. Never raises."""
-    fields = parse_fields(value[:MAX_HEADER_VALUE])
-    t = fields.get("t", "")
-    return ReplaySource(
-        instance=fields.get("instance") or None,
-        region=fields.get("region") or None,
-        t=int(t) if t.isascii() and t.isdigit() and len(t) <= 20 else None,
-        state=fields.get("state"),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayFailure:
-    """``fly-replay-failed``: a replay whose target could not be reached, sent back by fallback."""
-
-    instance: str | None = None
-    app: str | None = None
-    region: str | None = None
-    replay_source: str | None = None
-    reason: str | None = None
-    elapsed_ms: int | None = None
-
-    def to_header(self) -> str:
-        return _join_present(
-            instance=self.instance,
-            app=self.app,
-            region=self.region,
-            replay_source=self.replay_source,
-            reason=self.reason,
-            elapsed_ms=self.elapsed_ms,
-        )
-
-
-def parse_replay_failed(value: str) -> ReplayFailure:
-    """Parse ``fly-replay-failed`` leniently. Never raises."""
-    fields = parse_fields(value[:MAX_HEADER_VALUE])
-    elapsed = fields.get("elapsed_ms", "")
-    return ReplayFailure(
-        instance=fields.get("instance") or None,
-        app=fields.get("app") or None,
-        region=fields.get("region") or None,
-        replay_source=fields.get("replay_source") or None,
-        reason=fields.get("reason") or None,
-        elapsed_ms=int(elapsed) if elapsed.isascii() and elapsed.isdigit() and len(elapsed) <= 12 else None,
-    )
