@@ -203,7 +203,8 @@ async def test_metrics_count_decisions_by_outcome(two_machines: tuple[Machine, M
             assert (
                 await raw.post(f"{machine_b.url}/mcp", headers=headers, json=call_count_message(3))
             ).status_code == 307
-        metrics = (await raw.get(f"{machine_b.url}/metrics")).text
+        assert machine_b.metrics_url is not None
+        metrics = (await raw.get(f"{machine_b.metrics_url}/metrics")).text
     replayed = [
         line for line in metrics.splitlines()
         if line.startswith('affinity_decisions_total{machine="bbbbbbbbbbbbbb",outcome="replayed"')
