@@ -84,14 +84,14 @@ def start_machine(
 
     Any HTTP answer counts: the server answers only once the app's lifespan has started. A machine
     that answers on one address family but not the other fails with the path that could not connect.
-    ``command`` replaces the image's (its ``{port}`` placeholders are filled in).
+    ``command`` replaces the image's (give it ``port`` too).
     """
     port = port or free_port()
     metrics_port = free_port() if IMAGE_COMMAND.metrics_port is not None else None
     if command is None:
         argv = machine_command(app, port, metrics_port)
     else:
-        argv, metrics_port = [part.replace("{port}", str(port)) for part in command], None
+        argv, metrics_port = command, None
     env = {
         **os.environ,
         "FLY_MACHINE_ID": machine_id,
