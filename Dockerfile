@@ -13,16 +13,21 @@ COPY requirements.lock ./
 RUN pip install --requirement requirements.lock
 
 COPY pyproject.toml README.md ./
+COPY fly_replay_router ./fly_replay_router
 COPY app ./app
 RUN pip install --no-deps .
 
 RUN useradd --system --uid 10001 --no-create-home mcp
 USER mcp
 
+# The service's port (fly.toml's internal_port). The metrics port, 9091, is deliberately in no
+# fly.toml service: only Fly's scraper, over the private network, reaches it.
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 
 # One process per machine: a second worker would split the machine's sessions again.
-# "::" accepts IPv4 and IPv6, so both Fly's proxy and peers on the private network (6PN) reach it.
-# Forwarded headers come from Fly's proxy, the only thing in front of the machine.
-CMD ["uvicorn", "app.main:app", "--host", "::", "--port", "8080", "--proxy-headers", "--forwarded-allow-ips", "*", "--timeout-graceful-shutdown", "25"]
+# fly_replay_router.serve runs uvicorn on 0.0.0.0:8080 (IPv4: Fly's proxy reaches machines that way)
+# and [::]:8080 (IPv6: peers on the private network, 6PN), /metrics on 9091 (both families), trusts
+# X-Forwarded-* (Fly's proxy is the only thing in front), and finishes open requests within 25 s of
+# SIGTERM, inside fly.toml's kill_timeout. `python -m fly_replay_router.serve --help` explains.
+CMD ["python", "-m", "fly_replay_router.serve", "app.main:app", "--port", "8080", "--metrics-port", "9091", "--timeout-graceful-shutdown", "25"]

@@ -1,9 +1,13 @@
 """The deployable demo: an unmodified MCP server behind the affinity layer, as a FastAPI app.
 
-Serve it with ``uvicorn app.main:app``. Endpoints: Streamable HTTP MCP at ``/mcp``, legacy
-HTTP+SSE at ``/sse`` (messages under ``/messages/``), ``GET /healthz``, ``GET /metrics``. Tools: ``whoami`` (this
+Serve it as the image does: ``python -m fly_replay_router.serve app.main:app --port 8080 --metrics-port 9091``
+(IPv4 and IPv6, and ``/metrics`` on its own private port). Endpoints: Streamable HTTP MCP at ``/mcp``,
+legacy HTTP+SSE at ``/sse`` (messages under ``/messages/``) and ``GET /healthz``. Tools: ``whoami`` (this
 machine's id), ``count`` (a per-session counter kept in this process's memory, which is exactly
 what breaks without affinity) and ``measure`` (the number of characters it was sent).
+
+The affinity layer wraps the MCP routes only: Fly's health checks on ``/healthz`` are not routing
+decisions and do not show in its counters.
 """
 
 from __future__ import annotations
@@ -14,15 +18,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from mcp.server.mcpserver import Context, MCPServer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse
+from starlette.routing import BaseRoute, Mount
 
 from fly_replay_router import (
     AffinityMiddleware,
     UncompressedStreamsMiddleware,
     load_settings,
-    register_metrics,
     transport_security,
 )
 
@@ -30,7 +34,6 @@ MAX_COUNTED_SESSIONS = 100_000
 
 # On Fly without AFFINITY_SECRET: one sentence that says what to fix, not a traceback.
 settings = load_settings()
-register_metrics()
 mcp = MCPServer("fly-replay-router-demo")
 _counters: OrderedDict[str, int] = OrderedDict()
 
@@ -78,6 +81,10 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+# The MCP transports' routes, on their own: the layer goes around these and nothing else.
+mcp_routes: list[BaseRoute] = [*streamable_app.routes, *sse_app.routes]
+mcp_app = Starlette(routes=mcp_routes)
+
 app = FastAPI(title="fly-replay-router demo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -87,13 +94,7 @@ async def healthz() -> str:
     return "ok"
 
 
-@app.get("/metrics")
-async def metrics() -> Response:
-    """Prometheus text format: the affinity layer's routing decisions, and the process."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-app.router.routes.extend(streamable_app.routes)
-app.router.routes.extend(sse_app.routes)
-app.add_middleware(AffinityMiddleware, settings=settings)
+# Mounted at the root, after /healthz: every other path (the MCP ones, and unknown ones that get
+# 404) passes through the layer, with its path unchanged.
+app.router.routes.append(Mount("", app=AffinityMiddleware(mcp_app, settings=settings)))
 app.add_middleware(UncompressedStreamsMiddleware)  # outermost: sees the final response headers

@@ -1,11 +1,15 @@
-"""Shared fixtures: the anyio backend, and real uvicorn machines of the demo app on loopback."""
+"""Shared fixtures: the anyio backend, and real machines of the demo app on loopback.
+
+A machine runs the Dockerfile's own command (``fly_replay_router.dockerfile``), with only its ports
+(and the app) replaced, and is reached the way Fly reaches it: over IPv4 by the proxy's path
+(``Machine.url``), over IPv6 by its peers on the private network (``Machine.peer_url``).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,9 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fly_replay_router.dockerfile import read_image_command
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-for-the-fleet-0123456789"
 APP_NAME = "test-mcp"
+IMAGE_COMMAND = read_image_command(ROOT / "Dockerfile")
+# After one path answers, how long the other may take to start listening before the machine fails.
+OTHER_PATH_GRACE = 3.0
 
 
 @pytest.fixture
@@ -34,10 +43,12 @@ def free_port() -> int:
 
 @dataclass
 class Machine:
-    """One uvicorn process of an ASGI app, as a Fly Machine would run it."""
+    """One process of an ASGI app, as a Fly Machine would run it."""
 
     machine_id: str
-    url: str
+    url: str  # IPv4 loopback: the path Fly's proxy (and the local edge) uses
+    peer_url: str  # IPv6 loopback: the path other machines use, as on Fly's private network (6PN)
+    metrics_url: str | None  # the private metrics port, when the command serves one
     process: subprocess.Popen[bytes]
     log_path: Path
 
@@ -54,6 +65,11 @@ class Machine:
                 self.process.wait()
 
 
+def machine_command(app: str, port: int, metrics_port: int | None) -> list[str]:
+    """The Dockerfile's CMD for one local machine: its ports and app replaced, this interpreter."""
+    return IMAGE_COMMAND.for_machine(port=port, metrics_port=metrics_port, app=app)
+
+
 def start_machine(
     machine_id: str,
     *,
@@ -62,12 +78,20 @@ def start_machine(
     app_name: str = APP_NAME,
     extra_env: dict[str, str] | None = None,
     port: int | None = None,
+    command: list[str] | None = None,
 ) -> Machine:
-    """Start ``app`` under uvicorn on a free loopback port and wait until it answers.
+    """Start ``app`` with the image's command on a free port and wait until both paths answer.
 
-    Any HTTP answer counts: uvicorn answers only once the app's lifespan has started.
+    Any HTTP answer counts: the server answers only once the app's lifespan has started. A machine
+    that answers on one address family but not the other fails with the path that could not connect.
+    ``command`` replaces the image's (give it ``port`` too).
     """
     port = port or free_port()
+    metrics_port = free_port() if IMAGE_COMMAND.metrics_port is not None else None
+    if command is None:
+        argv = machine_command(app, port, metrics_port)
+    else:
+        argv, metrics_port = command, None
     env = {
         **os.environ,
         "FLY_MACHINE_ID": machine_id,
@@ -77,36 +101,67 @@ def start_machine(
         **(extra_env or {}),
     }
     log_file = tempfile.NamedTemporaryFile(prefix=f"machine-{machine_id}-", suffix=".log", delete=False)  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
-        cwd=ROOT,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
-    machine = Machine(machine_id, f"http://127.0.0.1:{port}", process, Path(log_file.name))
+    machine = Machine(
+        machine_id,
+        f"http://127.0.0.1:{port}",
+        f"http://[::1]:{port}",
+        None if metrics_port is None else f"http://127.0.0.1:{metrics_port}",
+        process,
+        Path(log_file.name),
+    )
+    try:
+        _wait_for_both_paths(machine)
+    except BaseException:
+        machine.stop()
+        raise
+    return machine
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=1)
+    except httpx.TransportError:
+        return False
+    return True
+
+
+def _wait_for_both_paths(machine: Machine) -> None:
+    paths = {
+        machine.url: "IPv4, the path Fly's proxy uses",
+        machine.peer_url: "IPv6, the path peers on the private network (6PN) use",
+    }
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"machine {machine_id} exited during start:\n{machine.log()}")
-        try:
-            httpx.get(f"{machine.url}/healthz", timeout=1)
-            return machine
-        except httpx.TransportError:
-            pass
+        if machine.process.poll() is not None:
+            raise RuntimeError(f"machine {machine.machine_id} exited during start:\n{machine.log()}")
+        answered = [url for url in paths if _answers(url)]
+        if len(answered) == len(paths):
+            return
+        if answered:
+            # Up on one family: give the other a moment (its socket starts listening just after).
+            deadline = min(deadline, time.monotonic() + OTHER_PATH_GRACE)
         time.sleep(0.05)
-    machine.stop()
-    raise RuntimeError(f"machine {machine_id} did not answer HTTP in 20 s:\n{machine.log()}")
+    silent = [f"{url} ({purpose})" for url, purpose in paths.items() if not _answers(url)]
+    if len(silent) == len(paths):
+        raise RuntimeError(f"machine {machine.machine_id} did not answer HTTP in 20 s:\n{machine.log()}")
+    raise RuntimeError(
+        f"machine {machine.machine_id} could not be reached on {' and '.join(silent)}: a Fly Machine must accept "
+        f"both address families on its port:\n{machine.log()}"
+    )
 
 
 @contextmanager
 def running_pair(
     ids: tuple[str, str], *, app: str = "app.main:app", extra_env: dict[str, str] | None = None
 ) -> Iterator[tuple[Machine, Machine]]:
-    """Two machines of one app that know each other as peers (``AFFINITY_PEERS``); stopped on exit."""
+    """Two machines of one app that know each other as peers (``AFFINITY_PEERS``); stopped on exit.
+
+    Peers reach each other over IPv6, as on Fly's private network.
+    """
     ports = (free_port(), free_port())
-    peers = ",".join(f"{machine_id}=http://127.0.0.1:{port}" for machine_id, port in zip(ids, ports, strict=True))
+    peers = ",".join(f"{machine_id}=http://[::1]:{port}" for machine_id, port in zip(ids, ports, strict=True))
     env = {**(extra_env or {}), "AFFINITY_PEERS": peers}
     started: list[Machine] = []
     try:

@@ -1,8 +1,7 @@
-"""fly.toml, the Dockerfile and the app agree: ports, health path, signals, session header, pins."""
+"""fly.toml, the Dockerfile and the app agree: ports, metrics, health path, signals, session header, pins."""
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from typing import Any
@@ -11,6 +10,8 @@ import pytest
 from sse_starlette.sse import EventSourceResponse
 
 from fly_replay_router.affinity.middleware import MCP_SESSION_ID
+from fly_replay_router.private_metrics import DEFAULT_METRICS_PATH
+from tests.conftest import IMAGE_COMMAND as IMAGE
 from tests.conftest import ROOT
 
 FLY = tomllib.loads((ROOT / "fly.toml").read_text())
@@ -24,26 +25,24 @@ def docker_instruction(name: str) -> str:
     return lines[-1].strip()
 
 
-def docker_cmd() -> list[str]:
-    return list(json.loads(docker_instruction("CMD")))
-
-
 def cmd_option(name: str) -> str:
-    cmd = docker_cmd()
-    return cmd[cmd.index(name) + 1]
+    argv = list(IMAGE.argv)
+    return argv[argv.index(name) + 1]
 
 
 def test_the_image_serves_the_demo_app_on_the_services_internal_port() -> None:
-    cmd = docker_cmd()
-    assert cmd[:2] == ["uvicorn", "app.main:app"]
-    assert int(cmd_option("--port")) == SERVICE["internal_port"]
+    assert IMAGE.argv[:3] == ("python", "-m", "fly_replay_router.serve")
+    assert IMAGE.app == "app.main:app"
+    assert IMAGE.port == SERVICE["internal_port"]
     assert docker_instruction("EXPOSE") == str(SERVICE["internal_port"])
-    assert "--workers" not in cmd  # more than one process per machine would split its sessions
+    assert "--workers" not in IMAGE.argv  # more than one process per machine would split its sessions
 
 
-def test_the_image_trusts_proxy_headers_and_listens_for_the_proxy_and_the_private_network() -> None:
-    assert "--proxy-headers" in docker_cmd()
-    assert cmd_option("--host") == "::"
+def test_the_image_trusts_the_proxy_headers_of_flys_proxy() -> None:
+    # The launcher trusts X-Forwarded-* from any peer unless told otherwise: on Fly only Fly's
+    # proxy and the app's private network reach the port. The CMD must not switch that off.
+    assert "--no-proxy-headers" not in IMAGE.argv
+    assert "--forwarded-allow-ips" not in IMAGE.argv or cmd_option("--forwarded-allow-ips") == "*"
 
 
 def test_health_check_path_is_a_route_of_the_app() -> None:
@@ -56,11 +55,18 @@ def test_health_check_path_is_a_route_of_the_app() -> None:
     assert checks[0]["method"] == "GET"
 
 
-def test_metrics_are_scraped_from_a_route_of_the_app_on_its_port() -> None:
+def test_metrics_are_scraped_from_the_images_private_metrics_port() -> None:
+    assert FLY["metrics"]["port"] == IMAGE.metrics_port
+    assert FLY["metrics"]["path"] == DEFAULT_METRICS_PATH
+    # No service may expose it: a service's port is public at https://<app>.fly.dev.
+    public = {SERVICE["internal_port"], *(service["internal_port"] for service in FLY.get("services", []))}
+    assert IMAGE.metrics_port not in public
+
+
+def test_the_demo_app_has_no_metrics_route_of_its_own() -> None:
     from app.main import app
 
-    assert FLY["metrics"]["port"] == SERVICE["internal_port"]
-    assert FLY["metrics"]["path"] in {getattr(route, "path", None) for route in app.routes}
+    assert DEFAULT_METRICS_PATH not in {getattr(route, "path", None) for route in app.routes}
 
 
 def test_graceful_stop_fits_inside_flys_kill_timeout() -> None:
@@ -122,4 +128,5 @@ def test_every_runtime_dependency_is_pinned_in_the_lock(requirement: str) -> Non
 
 def test_the_image_installs_the_pinned_set_before_the_code_and_the_code_without_deps() -> None:
     pinned = DOCKERFILE.index("pip install --requirement requirements.lock")
-    assert pinned < DOCKERFILE.index("COPY app ./app") < DOCKERFILE.index("pip install --no-deps .")
+    code = DOCKERFILE.index("COPY fly_replay_router ./fly_replay_router")
+    assert pinned < code < DOCKERFILE.index("COPY app ./app") < DOCKERFILE.index("pip install --no-deps .")

@@ -7,6 +7,7 @@ proxy would act on.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -158,6 +159,25 @@ async def test_a_body_fly_cannot_replay_is_forwarded_to_the_owner_and_answered(
     assert "outcome=forwarded" in machine_b.log()
 
 
+def posts_from_ipv6_peers(machine: Machine) -> int:
+    return len(re.findall(r'INFO: +::1:\d+ - "POST /mcp HTTP/1.1" 200', machine.log()))
+
+
+async def test_a_body_forwarded_to_its_owner_travels_over_ipv6_as_on_flys_private_network(
+    two_machines: tuple[Machine, Machine],
+) -> None:
+    machine_a, machine_b = two_machines
+    async with httpx.AsyncClient(timeout=30) as raw:
+        # The client reaches both machines over IPv4, as Fly's proxy does.
+        token = await open_session(raw, f"{machine_a.url}/mcp")
+        before = posts_from_ipv6_peers(machine_a)
+        headers = {**JSON_AND_SSE, "mcp-session-id": token, "mcp-protocol-version": HANDSHAKE}
+        forwarded = await raw.post(f"{machine_b.url}/mcp", headers=headers, content=measure_body(2 * 1024 * 1024))
+    assert forwarded.status_code == 200
+    assert read_rpc_result(forwarded)["content"][0]["text"] == str(2 * 1024 * 1024)
+    assert posts_from_ipv6_peers(machine_a) == before + 1
+
+
 async def test_a_forwarded_request_is_never_forwarded_again(two_machines: tuple[Machine, Machine]) -> None:
     machine_a, machine_b = two_machines
     async with httpx.AsyncClient(timeout=30) as raw:
@@ -203,7 +223,8 @@ async def test_metrics_count_decisions_by_outcome(two_machines: tuple[Machine, M
             assert (
                 await raw.post(f"{machine_b.url}/mcp", headers=headers, json=call_count_message(3))
             ).status_code == 307
-        metrics = (await raw.get(f"{machine_b.url}/metrics")).text
+        assert machine_b.metrics_url is not None
+        metrics = (await raw.get(f"{machine_b.metrics_url}/metrics")).text
     replayed = [
         line for line in metrics.splitlines()
         if line.startswith('affinity_decisions_total{machine="bbbbbbbbbbbbbb",outcome="replayed"')
