@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http_manager import DEFAULT_MAX_SESSIONS
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -70,7 +71,13 @@ def _session_id(request: object) -> str | None:
     return request.headers.get("mcp-session-id") or request.query_params.get("session_id")
 
 
-streamable_app = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=transport_security(settings))
+# The SDK's own idle timeout and cap are the layer's (sized to the VM's memory; README "Capacity").
+streamable_app = mcp.streamable_http_app(
+    streamable_http_path="/mcp",
+    transport_security=transport_security(settings),
+    session_idle_timeout=settings.session_idle_timeout,
+    max_sessions=settings.max_sessions or DEFAULT_MAX_SESSIONS,
+)
 sse_app = mcp.sse_app(transport_security=transport_security(settings))
 
 

@@ -79,7 +79,7 @@ from typing import Any
 
 import uvloop
 
-from tests.bench import edge, layer, sessions
+from tests.bench import edge, layer, scale, sessions
 from tests.bench.layer import Budget
 
 
@@ -121,6 +121,11 @@ TARGETS = {
     "session_cost_kb_handshake": Target("", None, " KB"),
     "session_cost_kb_handshake_stream": Target("", None, " KB"),
     "session_cost_kb_legacy_sse": Target("", None, " KB"),
+    # The scale run (--scale only): 10,000 sessions over 8 machines through the edge.
+    "scale_misrouted_calls": Target("<=", 0, ""),
+    "scale_errors": Target("<=", 0, ""),
+    "scale_kb_per_session": Target("", None, " KB"),
+    "scale_max_machine_rss_mb": Target("", None, " MB"),
 }
 # Which benchmark produces which keys (``--only`` takes any of the keys).
 GROUPS = {
@@ -137,7 +142,10 @@ GROUPS = {
     "edge_direct": ("edge_vs_direct_throughput", "sse_first_event_delay_ms"),
     "edge_rss": ("edge_rss_mb_1000_streams",),
     "sessions": tuple(f"session_cost_kb_{kind}" for kind in sessions.KINDS),
+    "scale": ("scale_misrouted_calls", "scale_errors", "scale_kb_per_session", "scale_max_machine_rss_mb"),
 }
+# Too long and too large for every run: only with --scale, or named with --only.
+NOT_BY_DEFAULT = set(GROUPS["scale"])
 
 
 @dataclass
@@ -248,6 +256,14 @@ async def run_benchmarks(groups: set[str], quick: bool, report: Report) -> None:
             cost = await sessions.session_cost_kb(kind, count)
             report.results[f"session_cost_kb_{kind}"] = cost["kb_per_session"]
             report.details[f"session_cost_{kind}"] = cost
+    if "scale" in groups:
+        report.log("scale run: 10,000 sessions over 8 machines through the edge, 3 calls each")
+        run = await scale.scale_run()
+        report.results["scale_misrouted_calls"] = run["misrouted"]
+        report.results["scale_errors"] = run["errors"]
+        report.results["scale_kb_per_session"] = run["kb_per_session"]
+        report.results["scale_max_machine_rss_mb"] = max(run["rss_mb_per_machine"].values())
+        report.details["scale"] = run
     if "edge_rss" in groups:
         report.log("edge memory: 1,000 SSE streams through a 4-machine edge")
         memory = await edge.edge_rss_with_streams()
@@ -273,12 +289,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about two minutes)")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="where the JSON goes")
     parser.add_argument("--only", nargs="+", metavar="KEY", choices=sorted(TARGETS), help="run only these keys")
+    parser.add_argument(
+        "--scale", action="store_true", help="only the scale run: 10,000 sessions over 8 machines (a few minutes)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    wanted = set(args.only or TARGETS)
+    wanted = set(args.only or (GROUPS["scale"] if args.scale else set(TARGETS) - NOT_BY_DEFAULT))
     groups = {group for group, keys in GROUPS.items() if wanted & set(keys)}
     report = Report({}, {}, {})
     machine = machine_description()
