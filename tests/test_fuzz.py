@@ -197,9 +197,8 @@ def b64(raw: bytes) -> str:
 
 
 def token_shaped(inputs: Inputs) -> Minted:
-    """Matches the token grammar (canonical signature spelling included) but was never signed."""
-    inner, issued, signature = inputs.bytes(40, min_size=2), inputs.bytes(8, min_size=1), inputs.bytes(32, min_size=32)
-    return Minted(f"{machine_id(inputs)}.{b64(inner)}.{b64(issued)}.{b64(signature)}", None)
+    """Matches the token grammar (canonical base64url of a plausible length) but was never sealed."""
+    return Minted(f"{machine_id(inputs)}.2.{b64(inputs.bytes(170, min_size=35))}", None)
 
 
 def any_text(inputs: Inputs, max_size: int = 300) -> str:
