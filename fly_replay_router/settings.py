@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 from fly_replay_router.fly import DEFAULT_REGION, MACHINE_ID_PATTERN, ReplayInstruction, parse_duration
 
@@ -37,7 +38,12 @@ class AffinitySettings:
     - ``peer_url_template``: how to reach another machine directly, for bodies Fly cannot replay;
       ``{machine_id}`` and ``{app_name}`` are filled in (Fly's private network by default).
     - ``peer_urls``: explicit ``(machine_id, base URL)`` pairs that win over the template (the local
-      fleet sets them).
+      fleet sets them). A peer URL is a scheme, a host and a port only: no user, path, query or fragment.
+    - ``forward_connect_timeout``, ``forward_read_timeout``, ``forward_write_timeout``: seconds a
+      forward to an owner may wait to connect (or for a free connection), for the next bytes of the
+      owner's answer, and for the next bytes of the body (from the client, or into the owner).
+    - ``forward_connections_per_owner``: connections open at once to one owner; forwards to other
+      owners never wait for them.
     - ``allowed_hosts``: extra ``Host`` values the MCP server accepts (``example.com``, or
       ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``fly_replay_router.hosts``.
     """
@@ -52,6 +58,10 @@ class AffinitySettings:
     peer_url_template: str = DEFAULT_PEER_URL_TEMPLATE
     peer_urls: tuple[tuple[str, str], ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    forward_connect_timeout: float = 5.0
+    forward_read_timeout: float = 60.0
+    forward_write_timeout: float = 30.0
+    forward_connections_per_owner: int = 20
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -73,11 +83,21 @@ class AffinitySettings:
             raise ValueError(f"failover {self.failover!r} must be one of {', '.join(get_args(Failover))}")
         if not 0 < self.replay_timeout <= 60:
             raise ValueError("replay_timeout must be more than 0 and at most 60 seconds")
-        if "{machine_id}" not in self.peer_url_template or not _is_http_url(self.peer_url_template):
-            raise ValueError("peer_url_template must be an http(s) URL containing {machine_id}")
+        if "{machine_id}" not in self.peer_url_template or not _is_peer_url(self._peer_template_sample()):
+            raise ValueError(
+                "peer_url_template must be an http(s) URL of a host and port only, containing {machine_id} "
+                "(and optionally {app_name}), such as " + DEFAULT_PEER_URL_TEMPLATE
+            )
         for machine_id, url in self.peer_urls:
-            if not MACHINE_ID_PATTERN.fullmatch(machine_id) or not _is_http_url(url):
-                raise ValueError(f"peer {machine_id}={url} must be a machine id and an http(s) URL")
+            if not MACHINE_ID_PATTERN.fullmatch(machine_id) or not _is_peer_url(url):
+                raise ValueError(
+                    f"peer {machine_id}={url} must be a machine id and an http(s) URL of a host and port only"
+                )
+        for name in ("forward_connect_timeout", "forward_read_timeout", "forward_write_timeout"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"{name} must be more than 0 and at most 3600 seconds")
+        if not 1 <= self.forward_connections_per_owner <= 10_000:
+            raise ValueError("forward_connections_per_owner must be between 1 and 10000")
         if isinstance(self.allowed_hosts, str) or any(not host or "/" in host for host in self.allowed_hosts):
             raise ValueError("allowed_hosts must be a tuple of host names such as example.com or example.com:*")
 
@@ -95,6 +115,12 @@ class AffinitySettings:
             if peer_id == machine_id:
                 return url.rstrip("/")
         return self.peer_url_template.format(machine_id=machine_id, app_name=self.app_name).rstrip("/")
+
+    def _peer_template_sample(self) -> str:
+        try:
+            return self.peer_url_template.format(machine_id="m0", app_name=self.app_name)
+        except (KeyError, IndexError, ValueError):
+            return ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AffinitySettings:
@@ -120,6 +146,12 @@ class AffinitySettings:
             logger.warning("FLY_MACHINE_ID is not set (not on Fly): this process is machine %s", machine_id)
         max_age = env.get("AFFINITY_MAX_TOKEN_AGE", "").strip()
         timeout = env.get("AFFINITY_REPLAY_TIMEOUT", "").strip()
+        forward_timeouts = {
+            field: _seconds(f"AFFINITY_{field.upper()}", value)
+            for field in ("forward_connect_timeout", "forward_read_timeout", "forward_write_timeout")
+            if (value := env.get(f"AFFINITY_{field.upper()}", "").strip())
+        }
+        connections = env.get("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", "").strip()
         return cls(
             machine_id=machine_id,
             secret_keys=secret_keys,
@@ -131,6 +163,8 @@ class AffinitySettings:
             peer_url_template=env.get("AFFINITY_PEER_URL", "").strip() or DEFAULT_PEER_URL_TEMPLATE,
             peer_urls=tuple(_peer(item) for item in _comma_list(env.get("AFFINITY_PEERS", ""))),
             allowed_hosts=_comma_list(env.get("AFFINITY_ALLOWED_HOSTS", "")),
+            forward_connections_per_owner=_count("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", connections or "20"),
+            **forward_timeouts,
         )
 
 
@@ -145,8 +179,30 @@ def _peer(item: str) -> tuple[str, str]:
     return machine_id.strip(), url.strip()
 
 
-def _is_http_url(url: str) -> bool:
-    return url.startswith(("http://", "https://"))
+def _is_peer_url(url: str) -> bool:
+    """An http(s) URL naming a host (and port), nothing else: forwards build their target from its parts."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+        and "?" not in url
+        and "#" not in url
+    )
+
+
+def _count(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a whole number") from None
 
 
 def _seconds(name: str, text: str) -> float:

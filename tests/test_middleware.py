@@ -190,12 +190,29 @@ async def test_404_body_is_byte_for_byte_the_sdks_own() -> None:
     assert _error_response("Session not found", 404).body == SESSION_NOT_FOUND_BODY
 
 
-async def test_modern_era_requests_pass_through_untouched_even_with_a_session_header() -> None:
+async def test_modern_era_requests_without_a_session_pass_through_untouched() -> None:
     inner = InnerApp()
-    scope = http_scope(headers=[(b"mcp-protocol-version", b"2026-07-28"), (b"mcp-session-id", b"whatever")])
+    scope = http_scope(headers=[(b"mcp-protocol-version", b"2026-07-28")])
     sent, _ = await call(AffinityMiddleware(inner, settings=SETTINGS), scope)
     assert inner.scopes == [scope]
     assert sent == list(inner.response)
+
+
+@pytest.mark.parametrize("version", [b"2026-07-28", b"2099-01-01", b"garbage"])
+async def test_a_session_carrier_is_routed_whatever_the_protocol_version(version: bytes) -> None:
+    inner = InnerApp()
+    middleware = AffinityMiddleware(inner, settings=SETTINGS)
+    raw_header = http_scope(headers=[(b"mcp-protocol-version", version), (b"mcp-session-id", INNER.encode())])
+    raw_query = http_scope(
+        path="/messages/", query=b"session_id=" + INNER.encode(), headers=[(b"mcp-protocol-version", version)]
+    )
+    for scope in (raw_header, raw_query):
+        sent, _ = await call(middleware, scope)
+        assert sent[0]["status"] == 404
+    assert inner.scopes == []
+    own = http_scope(headers=[(b"mcp-protocol-version", version), (b"mcp-session-id", token_for(HERE))])
+    await call(middleware, own)
+    assert header(inner.scopes[0], b"mcp-session-id") == INNER.encode()
 
 
 async def test_sessionless_requests_pass_through_untouched() -> None:

@@ -5,24 +5,26 @@ request headers, which Fly's proxy sets and strips from client requests, and ``a
 from peers. A client that forges any of them can only turn its own request into a 404: a replay or
 forward target always comes from a verified token.
 
-Carriers of a session id, in the order they are looked for:
-
-- the ``Mcp-Session-Id`` request header (Streamable HTTP, every method);
-- the ``session_id`` query parameter (legacy HTTP+SSE message posts).
+Carriers of a session id (``fly_replay_router.affinity.carriers`` reads them exactly as the
+server behind the layer does): the ``Mcp-Session-Id`` request header (Streamable HTTP, every method)
+and the ``session_id`` query parameter (legacy HTTP+SSE message posts). A request that carries one
+reaches the server only with a token verified for this machine, and then with the inner id in that
+carrier; two carriers, or one that could be read two ways, get 404. The ``MCP-Protocol-Version``
+header does not change that: only a request with no carrier at all passes through untouched.
 
 References: MCP "Streamable HTTP" and "HTTP with SSE" transports (session management, 404 to
-restart); Fly "Dynamic request routing" (``fly-replay``); ``shared/reference/*.md``.
+restart, https://modelcontextprotocol.io/specification/2025-11-25/basic/transports); Fly "Dynamic
+request routing" (https://fly.io/docs/networking/dynamic-request-routing/).
 """
 
 from __future__ import annotations
 
-import logging
-import re
 import time
-from urllib.parse import unquote
 
+from fly_replay_router.affinity.carriers import AmbiguousCarrier, QueryCarrier, find_query_carrier
 from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, decide
 from fly_replay_router.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
+from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.metrics import DecisionCounts
 from fly_replay_router.affinity.sse import EndpointEventRewriter
 from fly_replay_router.affinity.token import TokenCodec
@@ -32,7 +34,6 @@ from fly_replay_router.fly import (
     FLY_REPLAY,
     FLY_REPLAY_FAILED,
     FLY_REPLAY_SRC,
-    FLY_REQUEST_ID,
     parse_replay_src,
 )
 from fly_replay_router.protocol import (
@@ -44,16 +45,17 @@ from fly_replay_router.protocol import (
 )
 from fly_replay_router.settings import AffinitySettings
 
-logger = logging.getLogger("fly_replay_router.affinity")
-
 _HANDSHAKE_VERSIONS = frozenset(version.encode("ascii") for version in HANDSHAKE_PROTOCOL_VERSIONS)
 _FLY_REPLAY_SRC = FLY_REPLAY_SRC.encode("ascii")
 _FLY_REPLAY_FAILED = FLY_REPLAY_FAILED.encode("ascii")
 _FLY_PREFERRED_UNAVAILABLE = FLY_PREFERRED_INSTANCE_UNAVAILABLE.encode("ascii")
-_FLY_REQUEST_ID = FLY_REQUEST_ID.encode("ascii")
 _ROUTING_HEADERS = frozenset({_FLY_REPLAY_SRC, _FLY_REPLAY_FAILED, _FLY_PREFERRED_UNAVAILABLE, FORWARDED_FROM})
-_LEGACY_SESSION_PARAM = re.compile(rb"(?:^|&)session_id=([^&]*)")
+# The SDK's DNS-rebinding check answers 421 (Misdirected Request) to a disallowed Host.
+_MISDIRECTED = 421
 
+_UNAVAILABLE_BODY = (
+    b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"The session\'s machine is busy: try again"}}'
+)
 _NOT_FOUND_HEADERS = [
     (b"content-type", b"application/json"),
     (b"content-length", str(len(SESSION_NOT_FOUND_BODY)).encode("ascii")),
@@ -73,8 +75,9 @@ class AffinityMiddleware:
         self.app = app
         self.settings = settings
         self._codec = TokenCodec(settings.secret_keys, app_name=settings.app_name)
-        self._forwarder = OwnerForwarder()
+        self._forwarder = OwnerForwarder(settings)
         self._counts = DecisionCounts(settings.machine_id)
+        self._log = DecisionLog(settings.machine_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,13 +87,13 @@ class AffinityMiddleware:
         token: bytes | None = None
         version: bytes | None = None
         length: bytes | None = None
-        token_index = 0
+        token_index = carriers = 0
         chunked = routing = False
-        # One pass. The first Mcp-Session-Id and MCP-Protocol-Version count, as for the SDK.
+        # One pass over the headers.
         for index, (name, value) in enumerate(headers):
             if name == MCP_SESSION_ID:
-                if token is None:
-                    token, token_index = value, index
+                carriers += 1
+                token, token_index = value, index
             elif name == MCP_PROTOCOL_VERSION:
                 if version is None:
                     version = value
@@ -100,23 +103,30 @@ class AffinityMiddleware:
                 chunked = True
             elif name in _ROUTING_HEADERS:
                 routing = True
-        if version is not None and version not in _HANDSHAKE_VERSIONS:
-            # 2026-07-28 and later: sessionless, any machine serves it.
+        query_carrier: QueryCarrier | None = None
+        if scope["query_string"]:
+            try:
+                query_carrier = find_query_carrier(scope["query_string"])
+            except AmbiguousCarrier:
+                carriers = 2
+            else:
+                carriers += query_carrier is not None
+
+        if not carriers:
             self._counts.passed += 1
-            await self.app(scope, receive, send)
+            if version is not None and version not in _HANDSHAKE_VERSIONS and scope["method"] == "POST":
+                # 2026-07-28 and later: sessionless, any machine serves it, nothing to mint.
+                await self.app(scope, receive, send)
+                return
+            answer = _Answer()
+            await self._call_inner(scope, receive, self._minting_send(scope, send, answer), answer)
+            return
+        if carriers > 1:
+            self._reject(scope, "ambiguous_carrier", None)
+            await _send_not_found(send)
             return
 
-        legacy_match = None
-        if token is not None:
-            token_text = token.decode("latin-1")
-        else:
-            legacy_match = _LEGACY_SESSION_PARAM.search(scope["query_string"])
-            if legacy_match is None:
-                self._counts.passed += 1
-                await self.app(scope, receive, self._minting_send(scope, send))
-                return
-            token_text = unquote(legacy_match.group(1).decode("latin-1"))
-
+        token_text = token.decode("latin-1") if query_carrier is None else query_carrier.value  # type: ignore[union-attr]
         replayable = body_replayable(length, chunked)
         decision = decide(
             token_text,
@@ -127,7 +137,7 @@ class AffinityMiddleware:
             arrival=_arrival(headers, replayable) if routing else (_SMALL_BODY if replayable else _LARGE_BODY),
         )
         if isinstance(decision, Reject):
-            self._record(scope, "rejected", decision.reason, decision.owner_machine_id)
+            self._reject(scope, decision.reason, decision.owner_machine_id)
             await _send_not_found(send)
             return
         if isinstance(decision, Replay):
@@ -141,21 +151,35 @@ class AffinityMiddleware:
         self._counts.served += 1
         inner = decision.inner_session_id.encode("ascii")
         scope = dict(scope)
-        if legacy_match is None:
+        if query_carrier is None:
             scope["headers"] = rewritten = list(headers)
             rewritten[token_index] = (MCP_SESSION_ID, inner)
         else:
-            query: bytes = scope["query_string"]
-            start, end = legacy_match.span(1)
-            scope["query_string"] = query[:start] + inner + query[end:]
+            scope["query_string"] = query_carrier.replaced(scope["query_string"], inner)
         # A token that verified is ASCII, whichever carrier it came in.
-        await self.app(scope, receive, self._echoing_send(send, inner, token_text.encode("ascii")))
+        answer = _Answer()
+        echoing = self._echoing_send(send, inner, token_text.encode("ascii"), answer)
+        await self._call_inner(scope, receive, echoing, answer)
+
+    async def _call_inner(self, scope: Scope, receive: Receive, send: Send, answer: _Answer) -> None:
+        """Run the inner app; an error it raises *after* refusing the request by design is logged, not raised.
+
+        The official SDK's legacy ``GET /sse`` answers a disallowed ``Host`` with 421 and then raises
+        ``ValueError("Request validation failed")``, which the server would print as a traceback on
+        every such request. Only that shape is absorbed: a complete 421 answer, then ``ValueError``.
+        """
+        try:
+            await self.app(scope, receive, send)
+        except ValueError:
+            if not (answer.complete and answer.status == _MISDIRECTED):
+                raise
+            self._reject(scope, "host_not_allowed", None, count=False)
 
     def issue_token(self, inner_session_id: str) -> str:
         """A token for a session id the inner app minted on this machine."""
         return self._codec.issue(self.settings.machine_id, inner_session_id, now=time.time())
 
-    def _minting_send(self, scope: Scope, send: Send) -> Send:
+    def _minting_send(self, scope: Scope, send: Send, answer: _Answer) -> Send:
         """``send`` for a request without a session: session ids the inner app mints leave as tokens.
 
         A legacy ``GET /sse`` stream also has its ``endpoint`` event rewritten as it passes.
@@ -166,6 +190,7 @@ class AffinityMiddleware:
         async def send_minting(message: Message) -> None:
             nonlocal rewriter
             if message["type"] == "http.response.start":
+                answer.status = message["status"]
                 headers = message.get("headers", ())
                 if any(name == MCP_SESSION_ID for name, _ in headers):
                     wrapped = [
@@ -177,16 +202,18 @@ class AffinityMiddleware:
                     message = {**message, "headers": wrapped}
                 if scan_for_endpoint and is_event_stream(headers):
                     rewriter = EndpointEventRewriter(self.issue_token)
-            elif message["type"] == "http.response.body" and rewriter is not None and not rewriter.done:
-                body = rewriter.feed(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body += rewriter.flush()
-                message = {**message, "body": body}
+            elif message["type"] == "http.response.body":
+                answer.complete = not message.get("more_body", False)
+                if rewriter is not None and not rewriter.done:
+                    body = rewriter.feed(message.get("body", b""))
+                    if answer.complete:
+                        body += rewriter.flush()
+                    message = {**message, "body": body}
             await send(message)
 
         return send_minting
 
-    def _echoing_send(self, send: Send, inner: bytes, token: bytes) -> Send:
+    def _echoing_send(self, send: Send, inner: bytes, token: bytes, answer: _Answer) -> Send:
         """``send`` for a session served here: the inner id goes back out as the client's own token.
 
         So a session keeps one token (which is also what Fly's replay cache keys on). A different
@@ -194,7 +221,10 @@ class AffinityMiddleware:
         """
 
         async def send_echoing(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.body":
+                answer.complete = not message.get("more_body", False)
+            elif message["type"] == "http.response.start":
+                answer.status = message["status"]
                 headers = message.get("headers", ())
                 for index, (name, value) in enumerate(headers):
                     if name == MCP_SESSION_ID:
@@ -220,30 +250,35 @@ class AffinityMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: str) -> None:
-        owner_url = self.settings.peer_url(owner)
-        reached = await self._forwarder.forward(
-            scope, receive, send, owner_url=owner_url, this_machine=self.settings.machine_id
-        )
-        if reached:
-            self._record(scope, "forwarded", "", owner)
-        else:
-            self._record(scope, "rejected", "owner_unreachable", owner)
+        outcome = await self._forwarder.forward(scope, receive, send, owner_machine_id=owner)
+        if outcome.answered:
+            self._record(scope, "forwarded", outcome.reason, owner)
+            return
+        self._reject(scope, outcome.reason, owner)
+        if outcome.status == 404:
             await _send_not_found(send)
+        elif outcome.status:
+            await _send_unavailable(send, outcome.status)
 
     def _record(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
-        """Count a decision that is not "served here" and log it as one structured line."""
+        """Count a decision that is not "served here" and log it as one line."""
         self._counts.add(outcome, reason)
-        request_id = next((value for name, value in scope["headers"] if name == _FLY_REQUEST_ID), b"-")
-        fields = {
-            "outcome": outcome,
-            "reason": reason or "-",
-            "owner": owner or "-",
-            "machine": self.settings.machine_id,
-            "request_id": request_id.decode("latin-1"),
-            "method": scope["method"],
-            "path": scope["path"],
-        }
-        logger.info("affinity %s", " ".join(f"{key}={value}" for key, value in fields.items()), extra=fields)
+        self._log.decision(scope, outcome, reason, owner)
+
+    def _reject(self, scope: Scope, reason: str, owner: str | None, *, count: bool = True) -> None:
+        if count:
+            self._counts.add("rejected", reason)
+        self._log.decision(scope, "rejected", reason, owner)
+
+
+class _Answer:
+    """What the inner app has answered so far: status, and whether the body is complete."""
+
+    __slots__ = ("complete", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.complete = False
 
 
 def _arrival(headers: list[tuple[bytes, bytes]], body_replayable: bool) -> Arrival:
@@ -275,3 +310,16 @@ _LARGE_BODY = Arrival(body_replayable=False)
 async def _send_not_found(send: Send) -> None:
     await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
     await send({"type": "http.response.body", "body": SESSION_NOT_FOUND_BODY})
+
+
+async def _send_unavailable(send: Send, status: int) -> None:
+    """503 or 504: the session's owner is alive but could not take or answer the request in time.
+
+    Not 404: a client that gets 404 drops a session that is still there.
+    """
+    body = _UNAVAILABLE_BODY
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
