@@ -175,6 +175,10 @@ class AffinityMiddleware:
                 raise
             self._reject(scope, "host_not_allowed", None, count=False)
 
+    async def aclose(self) -> None:
+        """Close the connections kept open to other machines for forwarding."""
+        await self._forwarder.aclose()
+
     def issue_token(self, inner_session_id: str) -> str:
         """A token for a session id the inner app minted on this machine."""
         return self._codec.issue(self.settings.machine_id, inner_session_id, now=time.time())
