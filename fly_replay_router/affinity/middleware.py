@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 
+from fly_replay_router.affinity.answers import send_forward_failure, send_not_found
 from fly_replay_router.affinity.carriers import AmbiguousCarrier, QueryCarrier, find_query_carrier
 from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, decide
 from fly_replay_router.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
@@ -40,7 +41,6 @@ from fly_replay_router.protocol import (
     HANDSHAKE_PROTOCOL_VERSIONS,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
-    SESSION_NOT_FOUND_BODY,
     is_event_stream,
 )
 from fly_replay_router.settings import AffinitySettings
@@ -52,14 +52,6 @@ _FLY_PREFERRED_UNAVAILABLE = FLY_PREFERRED_INSTANCE_UNAVAILABLE.encode("ascii")
 _ROUTING_HEADERS = frozenset({_FLY_REPLAY_SRC, _FLY_REPLAY_FAILED, _FLY_PREFERRED_UNAVAILABLE, FORWARDED_FROM})
 # The SDK's DNS-rebinding check answers 421 (Misdirected Request) to a disallowed Host.
 _MISDIRECTED = 421
-
-_UNAVAILABLE_BODY = (
-    b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"The session\'s machine is busy: try again"}}'
-)
-_NOT_FOUND_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(SESSION_NOT_FOUND_BODY)).encode("ascii")),
-]
 
 
 class AffinityMiddleware:
@@ -123,10 +115,10 @@ class AffinityMiddleware:
             return
         if carriers > 1:
             self._reject(scope, "ambiguous_carrier", None)
-            await _send_not_found(send)
+            await send_not_found(send)
             return
 
-        token_text = token.decode("latin-1") if query_carrier is None else query_carrier.value  # type: ignore[union-attr]
+        token_text = query_carrier.value if query_carrier is not None else (token or b"").decode("latin-1")
         replayable = body_replayable(length, chunked)
         decision = decide(
             token_text,
@@ -138,7 +130,7 @@ class AffinityMiddleware:
         )
         if isinstance(decision, Reject):
             self._reject(scope, decision.reason, decision.owner_machine_id)
-            await _send_not_found(send)
+            await send_not_found(send)
             return
         if isinstance(decision, Replay):
             self._record(scope, "replayed", "", decision.owner_machine_id)
@@ -260,9 +252,9 @@ class AffinityMiddleware:
             return
         self._reject(scope, outcome.reason, owner)
         if outcome.status == 404:
-            await _send_not_found(send)
+            await send_not_found(send)
         elif outcome.status:
-            await _send_unavailable(send, outcome.status)
+            await send_forward_failure(send, outcome.status)
 
     def _record(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
         """Count a decision that is not "served here" and log it as one line."""
@@ -309,21 +301,3 @@ def _arrival(headers: list[tuple[bytes, bytes]], body_replayable: bool) -> Arriv
 
 _SMALL_BODY = Arrival()
 _LARGE_BODY = Arrival(body_replayable=False)
-
-
-async def _send_not_found(send: Send) -> None:
-    await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
-    await send({"type": "http.response.body", "body": SESSION_NOT_FOUND_BODY})
-
-
-async def _send_unavailable(send: Send, status: int) -> None:
-    """503 or 504: the session's owner is alive but could not take or answer the request in time.
-
-    Not 404: a client that gets 404 drops a session that is still there.
-    """
-    body = _UNAVAILABLE_BODY
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
