@@ -67,6 +67,8 @@ class DecisionLog:
 
     def decision(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
         """One line for a request the layer did not simply serve here (rate-limited if rejected)."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
         if outcome == "rejected" and not self._admit(reason):
             return
         request_id = next((value for name, value in scope["headers"] if name == _FLY_REQUEST_ID), b"-")
