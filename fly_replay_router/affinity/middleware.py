@@ -111,7 +111,15 @@ class AffinityMiddleware:
                 await self.app(scope, receive, send)
                 return
             answer = _Answer()
-            await self._call_inner(scope, receive, self._minting_send(scope, send, answer), answer)
+            try:
+                await self.app(scope, receive, self._minting_send(scope, send, answer))
+            except ValueError:
+                # The official SDK's legacy GET /sse answers a disallowed Host with 421, then raises
+                # ValueError("Request validation failed"): a traceback per request, for a refusal
+                # by design. Only that shape is absorbed (a complete 421, then ValueError).
+                if not (answer.complete and answer.status == _MISDIRECTED):
+                    raise
+                self._reject(scope, "host_not_allowed", None, count=False)
             return
         if carriers > 1:
             self._reject(scope, "ambiguous_carrier", None)
@@ -149,23 +157,7 @@ class AffinityMiddleware:
         else:
             scope["query_string"] = query_carrier.replaced(scope["query_string"], inner)
         # A token that verified is ASCII, whichever carrier it came in.
-        answer = _Answer()
-        echoing = self._echoing_send(send, inner, token_text.encode("ascii"), answer)
-        await self._call_inner(scope, receive, echoing, answer)
-
-    async def _call_inner(self, scope: Scope, receive: Receive, send: Send, answer: _Answer) -> None:
-        """Run the inner app; an error it raises *after* refusing the request by design is logged, not raised.
-
-        The official SDK's legacy ``GET /sse`` answers a disallowed ``Host`` with 421 and then raises
-        ``ValueError("Request validation failed")``, which the server would print as a traceback on
-        every such request. Only that shape is absorbed: a complete 421 answer, then ``ValueError``.
-        """
-        try:
-            await self.app(scope, receive, send)
-        except ValueError:
-            if not (answer.complete and answer.status == _MISDIRECTED):
-                raise
-            self._reject(scope, "host_not_allowed", None, count=False)
+        await self.app(scope, receive, self._echoing_send(send, inner, token_text.encode("ascii")))
 
     async def aclose(self) -> None:
         """Close the connections kept open to other machines for forwarding."""
@@ -209,7 +201,7 @@ class AffinityMiddleware:
 
         return send_minting
 
-    def _echoing_send(self, send: Send, inner: bytes, token: bytes, answer: _Answer) -> Send:
+    def _echoing_send(self, send: Send, inner: bytes, token: bytes) -> Send:
         """``send`` for a session served here: the inner id goes back out as the client's own token.
 
         So a session keeps one token (which is also what Fly's replay cache keys on). A different
@@ -217,10 +209,7 @@ class AffinityMiddleware:
         """
 
         async def send_echoing(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                answer.complete = not message.get("more_body", False)
-            elif message["type"] == "http.response.start":
-                answer.status = message["status"]
+            if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
                 for index, (name, value) in enumerate(headers):
                     if name == MCP_SESSION_ID:
