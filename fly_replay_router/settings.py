@@ -26,7 +26,7 @@ class AffinitySettings:
     """The affinity layer's configuration. Validated on construction.
 
     - ``machine_id``: this machine's id, the value Fly's ``instance=`` takes (``FLY_MACHINE_ID``).
-    - ``secret_keys``: the key ring; the first key signs new tokens, every key verifies.
+    - ``secret_keys``: the key ring; the first key seals new tokens, every key opens them.
     - ``app_name``: tokens are bound to it: another app's token never verifies (``FLY_APP_NAME``).
     - ``region``: this machine's region, for logs (``FLY_REGION``).
     - ``max_token_age``: seconds after which a token is refused (404); ``None`` for no limit.
@@ -70,7 +70,7 @@ class AffinitySettings:
                 "digits, as Fly's FLY_MACHINE_ID (14 hex characters)"
             )
         if isinstance(self.secret_keys, str) or not self.secret_keys:
-            raise ValueError("secret_keys must be a non-empty tuple of keys; the first one signs")
+            raise ValueError("secret_keys must be a non-empty tuple of keys; the first one seals new tokens")
         if any(len(key) < MIN_SECRET_LENGTH for key in self.secret_keys):
             raise ValueError(
                 f"every secret key must be at least {MIN_SECRET_LENGTH} characters; make one with: {_SECRET_HINT}"
@@ -136,7 +136,7 @@ class AffinitySettings:
         if not secret_keys:
             if machine_id:
                 raise ValueError(
-                    "AFFINITY_SECRET is not set. Every machine of the app must share one signing secret; set it "
+                    "AFFINITY_SECRET is not set. Every machine of the app must share one token secret; set it "
                     f'once for the app with: fly secrets set AFFINITY_SECRET="$({_SECRET_HINT})"'
                 )
             logger.warning("AFFINITY_SECRET is not set: using an ephemeral secret, valid for this process only")

@@ -57,8 +57,8 @@ _MISDIRECTED = 421
 class AffinityMiddleware:
     """Keeps every request of an MCP session on the machine that holds the session in memory.
 
-    Wraps the inner server's session ids in signed tokens naming this machine, and routes each
-    request that carries a token: served here, replayed to its owner with ``fly-replay``, forwarded
+    Wraps the inner server's session ids in sealed tokens naming this machine, and routes each
+    request that carries one: served here, replayed to its owner with ``fly-replay``, forwarded
     to the owner when Fly cannot replay its body, or answered 404. Other traffic (no session,
     2026-07-28 requests, lifespan, websockets) passes through untouched.
     """
