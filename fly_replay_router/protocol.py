@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 MCP_SESSION_ID = b"mcp-session-id"
 MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
+# The query parameter of the 2024-11-05 transport's message endpoint (``/messages/?session_id=...``).
+LEGACY_SESSION_PARAMETER = "session_id"
 
 # Protocol revisions that open a session with the initialize handshake. Later revisions
 # (2026-07-28 on) are sessionless. Kept here rather than imported from an SDK, so that the layer

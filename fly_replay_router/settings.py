@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 from fly_replay_router.fly import DEFAULT_REGION, MACHINE_ID_PATTERN, ReplayInstruction, parse_duration
 
@@ -34,7 +35,7 @@ class AffinitySettings:
     """The affinity layer's configuration. Validated on construction.
 
     - ``machine_id``: this machine's id, the value Fly's ``instance=`` takes (``FLY_MACHINE_ID``).
-    - ``secret_keys``: the key ring; the first key signs new tokens, every key verifies.
+    - ``secret_keys``: the key ring; the first key seals new tokens, every key opens them.
     - ``app_name``: tokens are bound to it: another app's token never verifies (``FLY_APP_NAME``).
     - ``region``: this machine's region, for logs (``FLY_REGION``).
     - ``max_token_age``: seconds after which a token is refused (404); ``None`` for no limit.
@@ -46,7 +47,12 @@ class AffinitySettings:
     - ``peer_url_template``: how to reach another machine directly, for bodies Fly cannot replay;
       ``{machine_id}`` and ``{app_name}`` are filled in (Fly's private network by default).
     - ``peer_urls``: explicit ``(machine_id, base URL)`` pairs that win over the template (the local
-      fleet sets them).
+      fleet sets them). A peer URL is a scheme, a host and a port only: no user, path, query or fragment.
+    - ``forward_connect_timeout``, ``forward_read_timeout``, ``forward_write_timeout``: seconds a
+      forward to an owner may wait to connect (or for a free connection), for the next bytes of the
+      owner's answer, and for the next bytes of the body (from the client, or into the owner).
+    - ``forward_connections_per_owner``: connections open at once to one owner; forwards to other
+      owners never wait for them.
     - ``allowed_hosts``: extra ``Host`` values the MCP server accepts (``example.com``, or
       ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``hosts``.
     - ``max_sessions``: handshake-era sessions this process holds at most; a request for a new session
@@ -72,6 +78,10 @@ class AffinitySettings:
     session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT
     new_session_rate: float | None = 10.0
     new_session_burst: int = 100
+    forward_connect_timeout: float = 5.0
+    forward_read_timeout: float = 60.0
+    forward_write_timeout: float = 30.0
+    forward_connections_per_owner: int = 20
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -80,7 +90,7 @@ class AffinitySettings:
                 "digits, as Fly's FLY_MACHINE_ID (14 hex characters)"
             )
         if isinstance(self.secret_keys, str) or not self.secret_keys:
-            raise ValueError("secret_keys must be a non-empty tuple of keys; the first one signs")
+            raise ValueError("secret_keys must be a non-empty tuple of keys; the first one seals new tokens")
         if any(len(key) < MIN_SECRET_LENGTH for key in self.secret_keys):
             raise ValueError(
                 f"every secret key must be at least {MIN_SECRET_LENGTH} characters; make one with: {_SECRET_HINT}"
@@ -93,11 +103,21 @@ class AffinitySettings:
             raise ValueError(f"failover {self.failover!r} must be one of {', '.join(get_args(Failover))}")
         if not 0 < self.replay_timeout <= 60:
             raise ValueError("replay_timeout must be more than 0 and at most 60 seconds")
-        if "{machine_id}" not in self.peer_url_template or not _is_http_url(self.peer_url_template):
-            raise ValueError("peer_url_template must be an http(s) URL containing {machine_id}")
+        if "{machine_id}" not in self.peer_url_template or not _is_peer_url(self._peer_template_sample()):
+            raise ValueError(
+                "peer_url_template must be an http(s) URL of a host and port only, containing {machine_id} "
+                "(and optionally {app_name}), such as " + DEFAULT_PEER_URL_TEMPLATE
+            )
         for machine_id, url in self.peer_urls:
-            if not MACHINE_ID_PATTERN.fullmatch(machine_id) or not _is_http_url(url):
-                raise ValueError(f"peer {machine_id}={url} must be a machine id and an http(s) URL")
+            if not MACHINE_ID_PATTERN.fullmatch(machine_id) or not _is_peer_url(url):
+                raise ValueError(
+                    f"peer {machine_id}={url} must be a machine id and an http(s) URL of a host and port only"
+                )
+        for name in ("forward_connect_timeout", "forward_read_timeout", "forward_write_timeout"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"{name} must be more than 0 and at most 3600 seconds")
+        if not 1 <= self.forward_connections_per_owner <= 10_000:
+            raise ValueError("forward_connections_per_owner must be between 1 and 10000")
         if isinstance(self.allowed_hosts, str) or any(not host or "/" in host for host in self.allowed_hosts):
             raise ValueError("allowed_hosts must be a tuple of host names such as example.com or example.com:*")
         for name in ("max_sessions", "max_legacy_sessions"):
@@ -126,6 +146,12 @@ class AffinitySettings:
                 return url.rstrip("/")
         return self.peer_url_template.format(machine_id=machine_id, app_name=self.app_name).rstrip("/")
 
+    def _peer_template_sample(self) -> str:
+        try:
+            return self.peer_url_template.format(machine_id="m0", app_name=self.app_name)
+        except (KeyError, IndexError, ValueError):
+            return ""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AffinitySettings:
         """Read Fly's machine environment and the ``AFFINITY_*`` options.
@@ -140,7 +166,7 @@ class AffinitySettings:
         if not secret_keys:
             if machine_id:
                 raise ValueError(
-                    "AFFINITY_SECRET is not set. Every machine of the app must share one signing secret; set it "
+                    "AFFINITY_SECRET is not set. Every machine of the app must share one token secret; set it "
                     f'once for the app with: fly secrets set AFFINITY_SECRET="$({_SECRET_HINT})"'
                 )
             logger.warning("AFFINITY_SECRET is not set: using an ephemeral secret, valid for this process only")
@@ -154,6 +180,12 @@ class AffinitySettings:
         idle = env.get("AFFINITY_SESSION_IDLE_TIMEOUT", "").strip()
         max_age = env.get("AFFINITY_MAX_TOKEN_AGE", "").strip()
         timeout = env.get("AFFINITY_REPLAY_TIMEOUT", "").strip()
+        forward_timeouts = {
+            field: _seconds(f"AFFINITY_{field.upper()}", value)
+            for field in ("forward_connect_timeout", "forward_read_timeout", "forward_write_timeout")
+            if (value := env.get(f"AFFINITY_{field.upper()}", "").strip())
+        }
+        connections = env.get("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", "").strip()
         return cls(
             machine_id=machine_id,
             secret_keys=secret_keys,
@@ -174,6 +206,8 @@ class AffinitySettings:
             else DEFAULT_SESSION_IDLE_TIMEOUT,
             new_session_rate=None if rate.lower() == "off" else (_number("AFFINITY_NEW_SESSION_RATE", rate) or 10.0),
             new_session_burst=int(burst) if burst else 100,
+            forward_connections_per_owner=_count("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", connections or "20"),
+            **forward_timeouts,
         )
 
 
@@ -223,8 +257,30 @@ def _peer(item: str) -> tuple[str, str]:
     return machine_id.strip(), url.strip()
 
 
-def _is_http_url(url: str) -> bool:
-    return url.startswith(("http://", "https://"))
+def _is_peer_url(url: str) -> bool:
+    """An http(s) URL naming a host (and port), nothing else: forwards build their target from its parts."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+        and "?" not in url
+        and "#" not in url
+    )
+
+
+def _count(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a whole number") from None
 
 
 def _seconds(name: str, text: str) -> float:

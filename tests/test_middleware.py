@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from mcp.server.streamable_http_manager import _error_response
 
 from fly_replay_router import AffinityMiddleware, AffinitySettings
+from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.protocol import SESSION_NOT_FOUND_BODY
 
@@ -190,12 +192,29 @@ async def test_404_body_is_byte_for_byte_the_sdks_own() -> None:
     assert _error_response("Session not found", 404).body == SESSION_NOT_FOUND_BODY
 
 
-async def test_modern_era_requests_pass_through_untouched_even_with_a_session_header() -> None:
+async def test_modern_era_requests_without_a_session_pass_through_untouched() -> None:
     inner = InnerApp()
-    scope = http_scope(headers=[(b"mcp-protocol-version", b"2026-07-28"), (b"mcp-session-id", b"whatever")])
+    scope = http_scope(headers=[(b"mcp-protocol-version", b"2026-07-28")])
     sent, _ = await call(AffinityMiddleware(inner, settings=SETTINGS), scope)
     assert inner.scopes == [scope]
     assert sent == list(inner.response)
+
+
+@pytest.mark.parametrize("version", [b"2026-07-28", b"2099-01-01", b"garbage"])
+async def test_a_session_carrier_is_routed_whatever_the_protocol_version(version: bytes) -> None:
+    inner = InnerApp()
+    middleware = AffinityMiddleware(inner, settings=SETTINGS)
+    raw_header = http_scope(headers=[(b"mcp-protocol-version", version), (b"mcp-session-id", INNER.encode())])
+    raw_query = http_scope(
+        path="/messages/", query=b"session_id=" + INNER.encode(), headers=[(b"mcp-protocol-version", version)]
+    )
+    for scope in (raw_header, raw_query):
+        sent, _ = await call(middleware, scope)
+        assert sent[0]["status"] == 404
+    assert inner.scopes == []
+    own = http_scope(headers=[(b"mcp-protocol-version", version), (b"mcp-session-id", token_for(HERE))])
+    await call(middleware, own)
+    assert header(inner.scopes[0], b"mcp-session-id") == INNER.encode()
 
 
 async def test_sessionless_requests_pass_through_untouched() -> None:
@@ -309,3 +328,86 @@ async def test_each_decision_not_served_here_is_one_structured_log_line(caplog: 
         "request_id=01JDABCDEF-ams method=POST path=/mcp"
     )
     assert (record.outcome, record.owner, record.request_id) == ("replayed", OTHER, "01JDABCDEF-ams")  # type: ignore[attr-defined]
+
+
+async def test_a_path_with_an_encoded_newline_cannot_write_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    forged = "/mcp\naffinity outcome=forwarded reason=- owner=evil machine=x"
+    scope = {**http_scope(path=forged), "method": "POST \x1b[2J"}
+    scope["headers"] = [(b"mcp-session-id", b"bad"), (b"fly-request-id", b'01J "quoted" \\ id')]
+    with caplog.at_level(logging.INFO, logger="fly_replay_router.affinity"):
+        await call(AffinityMiddleware(InnerApp(), settings=SETTINGS), scope)
+    [record] = [record for record in caplog.records if record.name == "fly_replay_router.affinity"]
+    line = record.getMessage()
+    assert "\n" not in line
+    assert "\x1b" not in line
+    # Read as logfmt (quoted values are one field), the line has each field once, owner "-".
+    fields = [token.split("=", 1) for token in shlex.split(line)[1:]]
+    assert [key for key, _ in fields] == ["outcome", "reason", "owner", "machine", "request_id", "method", "path"]
+    assert dict(fields)["owner"] == "-"
+    assert 'path="/mcp\\naffinity outcome=forwarded reason=- owner=evil machine=x"' in line
+    assert 'request_id="01J \\"quoted\\" \\\\ id"' in line
+
+
+async def test_a_flood_of_rejections_is_a_few_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    middleware = AffinityMiddleware(InnerApp(), settings=SETTINGS)
+    with caplog.at_level(logging.INFO, logger="fly_replay_router.affinity"):
+        for number in range(200):
+            await call(middleware, http_scope(headers=[(b"mcp-session-id", f"forged-{number}".encode())]))
+        middleware._log.flush()  # the summary a timer writes when the window ends
+    lines = [record.getMessage() for record in caplog.records if record.name == "fly_replay_router.affinity"]
+    assert len(lines) <= 10
+    assert lines[-1].startswith("affinity outcome=rejected suppressed=")
+    written = sum(" reason=malformed_token " in line for line in lines)
+    assert written + int(lines[-1].split("suppressed=")[1].split()[0]) == 200
+    assert "reasons=malformed_token:" in lines[-1]
+
+
+def test_the_rejection_summary_comes_once_per_window() -> None:
+    now = [0.0]
+    log = DecisionLog(HERE, window=10, burst=2, clock=lambda: now[0])
+    scope = http_scope()
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("fly_replay_router.affinity")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for reason in ("bad_signature", "bad_signature", "token_expired", "bad_signature", "ambiguous_carrier"):
+            log.decision(scope, "rejected", reason, None)
+        log.decision(scope, "replayed", "", OTHER)  # ordinary traffic is never held back
+        assert len(records) == 3
+        now[0] = 10.5
+        log.decision(scope, "rejected", "token_expired", None)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert records[3] == (
+        "affinity outcome=rejected suppressed=3 reasons=ambiguous_carrier:1,bad_signature:1,token_expired:1 "
+        f"window_s=10 machine={HERE}"
+    )
+    assert "reason=token_expired" in records[4]
+    assert len(records) == 5
+
+
+class RaisesAfterAnswering:
+    """An inner app that answers in full, then raises (as the SDK's GET /sse does after its 421)."""
+
+    def __init__(self, status: int, error: Exception) -> None:
+        self.status = status
+        self.error = error
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        await send({"type": "http.response.body", "body": b"refused"})
+        raise self.error
+
+
+async def test_only_the_sdks_error_after_its_own_421_is_absorbed() -> None:
+    absorbed = AffinityMiddleware(RaisesAfterAnswering(421, ValueError("Request validation failed")), settings=SETTINGS)
+    sent, _ = await call(absorbed, http_scope("GET", "/sse"))
+    assert sent[0]["status"] == 421
+    for status, error in ((200, ValueError("boom")), (421, RuntimeError("boom")), (500, ValueError("boom"))):
+        with pytest.raises(type(error)):
+            await call(AffinityMiddleware(RaisesAfterAnswering(status, error), settings=SETTINGS), http_scope("GET"))

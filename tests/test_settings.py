@@ -90,3 +90,38 @@ def test_settings_are_frozen() -> None:
 def test_replay_instruction_per_failover_mode(failover: str, header: str) -> None:
     settings = AffinitySettings(machine_id="abc", secret_keys=(KEY,), failover=failover)  # type: ignore[arg-type]
     assert settings.replay_instruction("148e272a6d4689").to_header() == header
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://user:pass@127.0.0.1:8080", "http://127.0.0.1:8080/prefix", "http://127.0.0.1:8080?x=1", "ftp://host"],
+)
+def test_a_peer_url_is_a_scheme_host_and_port_only(url: str) -> None:
+    # Forward targets are built from a peer URL's parts: userinfo or a path would be dropped silently.
+    with pytest.raises(ValueError, match="host and port only"):
+        AffinitySettings(machine_id="aaaaaaaaaaaaaa", secret_keys=(KEY,), peer_urls=(("bbbbbbbbbbbbbb", url),))
+    with pytest.raises(ValueError, match="host and port only"):
+        AffinitySettings(machine_id="aaaaaaaaaaaaaa", secret_keys=(KEY,), peer_url_template=url + "/{machine_id}")
+
+
+def test_forwarding_limits_from_the_environment_and_their_bounds() -> None:
+    settings = AffinitySettings.from_env(
+        {
+            "AFFINITY_SECRET": KEY,
+            "AFFINITY_FORWARD_READ_TIMEOUT": "2m",
+            "AFFINITY_FORWARD_WRITE_TIMEOUT": "5",
+            "AFFINITY_FORWARD_CONNECTIONS_PER_OWNER": "7",
+        }
+    )
+    assert (settings.forward_connect_timeout, settings.forward_read_timeout, settings.forward_write_timeout) == (
+        5.0,
+        120.0,
+        5.0,
+    )
+    assert settings.forward_connections_per_owner == 7
+    with pytest.raises(ValueError, match="forward_read_timeout"):
+        AffinitySettings(machine_id="aaaaaaaaaaaaaa", secret_keys=(KEY,), forward_read_timeout=0)
+    with pytest.raises(ValueError, match="forward_connections_per_owner"):
+        AffinitySettings(machine_id="aaaaaaaaaaaaaa", secret_keys=(KEY,), forward_connections_per_owner=0)
+    with pytest.raises(ValueError, match="whole number"):
+        AffinitySettings.from_env({"AFFINITY_SECRET": KEY, "AFFINITY_FORWARD_CONNECTIONS_PER_OWNER": "many"})

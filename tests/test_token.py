@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import string
 
@@ -28,8 +29,48 @@ def test_round_trip_gives_back_owner_and_inner_id() -> None:
 
 def test_token_is_short_url_safe_visible_ascii() -> None:
     token = codec().issue(OWNER, INNER, now=NOW)
-    assert len(token) < 120
+    assert len(token) <= 84
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", token)
+
+
+def spellings(inner: str) -> list[str]:
+    """Ways a token could show an inner id: as is, hex, base64 and base32 of every kind."""
+    raw = inner.encode()
+    encoded = [raw.hex(), inner.upper()]
+    for encode in (base64.b64encode, base64.urlsafe_b64encode, base64.b32encode, base64.b16encode):
+        encoded.append(encode(raw).decode().rstrip("="))
+    if len(inner) == 32:
+        packed = bytes.fromhex(inner)
+        encoded += [base64.urlsafe_b64encode(packed).decode().rstrip("="), base64.b64encode(packed).decode()[:-2]]
+    # Any 12-character stretch of one of them would already leak most of the id.
+    return [spelling[start : start + 12] for spelling in {inner, *encoded} for start in range(len(spelling) - 11)]
+
+
+@pytest.mark.parametrize("inner", [INNER, "session-secret-of-the-server", "x" * 128])
+def test_a_token_does_not_show_its_inner_id_in_any_encoding(inner: str) -> None:
+    token = codec().issue(OWNER, inner, now=NOW)
+    assert not [piece for piece in spellings(inner) if piece in token]
+    # The id is not derivable either: the same session sealed twice shares no stretch of the seal.
+    again = codec().issue(OWNER, inner, now=NOW)
+    sealed, sealed_again = token.rsplit(".", 1)[1], again.rsplit(".", 1)[1]
+    assert not any(sealed[start : start + 8] in sealed_again for start in range(len(sealed) - 7))
+    assert codec().verify(again, now=NOW).inner_session_id == inner
+
+
+def test_the_owner_is_readable_and_bound_to_the_seal() -> None:
+    token = codec().issue(OWNER, INNER, now=NOW)
+    assert token.split(".")[:2] == [OWNER, "2"]
+    moved = "b" * len(OWNER) + token[len(OWNER) :]
+    with pytest.raises(InvalidToken, match="bad_signature"):
+        codec().verify(moved, now=NOW)
+
+
+def test_a_token_of_the_signed_only_format_is_refused() -> None:
+    readable_v1 = (
+        "148e272a6d4689.N2RhNGU4MDY2NWJkNGM2ZmI3MzIzMWQ2M2YwYzIyN2Y.awIoYA.o_lsb25IJNGzr0mevP5LEzeqMtBQ4HjtuWyDZfCkWgg"
+    )
+    with pytest.raises(InvalidToken, match="malformed_token"):
+        codec().verify(readable_v1, now=NOW)
 
 
 @pytest.mark.parametrize("inner", ["a", "x" * 128, "id.with.dots", "ab+/=?&%", string.punctuation])
@@ -68,7 +109,7 @@ def test_truncated_and_extended_tokens_are_rejected() -> None:
             codec().verify(token + suffix, now=NOW)
 
 
-def test_token_signed_with_unknown_key_is_rejected() -> None:
+def test_token_sealed_with_unknown_key_is_rejected() -> None:
     token = codec(KEY_2).issue(OWNER, INNER, now=NOW)
     with pytest.raises(InvalidToken, match="bad_signature"):
         codec(KEY_1).verify(token, now=NOW)
@@ -151,7 +192,7 @@ def test_memory_for_verified_tokens_is_bounded_and_failures_are_never_kept() -> 
     remembering = codec()
     for _ in range(100):
         with pytest.raises(InvalidToken):
-            remembering.verify("148e272a6d4689.garbage.AA." + "A" * 43, now=NOW)
+            remembering.verify("148e272a6d4689.2." + "A" * 70, now=NOW)
     assert len(remembering._verified) == 0
     tokens = [remembering.issue(OWNER, f"session-{n}", now=NOW) for n in range(VERIFIED_TOKENS_KEPT + 50)]
     for token in tokens:

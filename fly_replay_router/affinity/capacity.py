@@ -20,6 +20,11 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from fly_replay_router.asgi import Scope
+from fly_replay_router.fly import FLY_CLIENT_IP, ReplayInstruction
+
+_FLY_CLIENT_IP = FLY_CLIENT_IP.encode("ascii")
+
 
 class LiveSessions:
     """The sessions this process minted and still holds, for the cap (see the module docstring)."""
@@ -118,6 +123,9 @@ class RateLimited:
     """This client opens sessions too fast: 429 with ``Retry-After``."""
 
     retry_after: int
+    status = 429
+    reason = "rate_limited"
+    message = "Too many new sessions from this client; retry later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +134,19 @@ class Elsewhere:
 
     hops: int
 
+    def instruction(self) -> ReplayInstruction:
+        """``elsewhere=true;state=full-<hops>``: any other machine, and how many were full so far."""
+        return ReplayInstruction(elsewhere=True, state=f"{FULL_STATE_PREFIX}{self.hops}")
+
 
 @dataclass(frozen=True, slots=True)
 class Full:
     """This process and the machines tried before it are at their caps: 503 with ``Retry-After``."""
 
     retry_after: int = FULL_RETRY_AFTER_SECONDS
+    status = 503
+    reason = "at_capacity"
+    message = "Every machine tried holds all the sessions it can; retry later"
 
 
 Refusal = RateLimited | Elsewhere | Full
@@ -176,6 +191,15 @@ class Admission:
         if hops + 1 >= MAX_FULL_HOPS or not replayable:
             return Full()
         return Elsewhere(hops + 1)
+
+
+def client_key(scope: Scope) -> bytes:
+    """Who opens a session: ``Fly-Client-IP`` (set by Fly's proxy, never by the client), else the peer."""
+    for name, value in scope["headers"]:
+        if name == _FLY_CLIENT_IP:
+            return value  # type: ignore[no-any-return]
+    client = scope.get("client")
+    return client[0].encode("latin-1") if client else b"-"
 
 
 def full_hops(replay_state: str | None) -> int:

@@ -3,28 +3,45 @@
 Fly's proxy buffers at most 1 MiB of a request body for a replay; a larger body would fail with
 error PA01. The layer instead streams such a request itself to the owner over the private network
 (``http://<owner>.vm.<app>.internal:<port>`` on Fly), and streams the answer back. The forwarded
-request keeps the client's token, so the owner verifies it like any other; it carries
-``affinity-forwarded-from`` so that a machine that is not the owner refuses it instead of
-forwarding again.
+request keeps the client's token and headers (``Authorization`` included, unchanged), so the owner
+verifies it like any other; it carries ``affinity-forwarded-from`` so that a machine that is not
+the owner refuses it instead of forwarding again.
 
-Reference: ``shared/reference/fly-proxy.md`` (limits, private network); httpx streaming
-(``client.send(request, stream=True)``, ``aiter_raw()``, ``aclose()``).
+Only the owner is ever contacted: the target URL is built from parts (scheme, host and port of the
+owner's peer URL; the request's path, which must be an origin-form path starting with ``/``, and
+its query), never by joining strings, so no request target can name another host or add userinfo.
+
+One connection pool per owner (``forward_connections_per_owner``), so slow uploads to one machine
+never hold the connections that forwards to another need; timeouts to connect, between body
+pieces (from the client and into the owner) and between answer pieces. A body that ends early
+(the client went away, or went quiet past the write timeout) is never completed: the connection to
+the owner is dropped mid-body, so the owner sees the request fail and never runs a cut call.
+
+References: Fly "Dynamic request routing" and "Private networking"
+(https://fly.io/docs/networking/private-networking/); RFC 9112 section 3.2 (request target forms)
+and 6.3 (an incomplete message); httpx streaming (``client.send(request, stream=True)``,
+``aiter_raw()``, ``aclose()``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
 
+import anyio
 import httpx
 
 from fly_replay_router import fly
 from fly_replay_router.asgi import Receive, Scope, Send
-
-logger = logging.getLogger("fly_replay_router.affinity")
+from fly_replay_router.settings import AffinitySettings
 
 FORWARDED_FROM = b"affinity-forwarded-from"
 HOP_BY_HOP = frozenset(name.encode("ascii") for name in fly.HOP_BY_HOP)
+# Pools kept for owners with no forward under way; machine ids come and go with deploys.
+IDLE_OWNER_POOLS_KEPT = 64
+# An origin-form target (RFC 9112 3.2.1): "/" then visible ASCII; the query likewise.
+_PATH_BYTES = frozenset(range(0x21, 0x7F))
 
 
 def body_replayable(content_length: bytes | None, chunked: bool) -> bool:
@@ -36,55 +53,170 @@ def body_replayable(content_length: bytes | None, chunked: bool) -> bool:
     return content_length.isdigit() and int(content_length) <= fly.REPLAY_BODY_LIMIT
 
 
+@dataclass(frozen=True, slots=True)
+class ForwardOutcome:
+    """How a forward ended.
+
+    ``answered``: the owner's answer (at least its start) went to the client. Otherwise ``reason``
+    is a stable code and ``status`` the answer the layer owes the client (0: none, it has left).
+    """
+
+    answered: bool
+    reason: str = ""
+    status: int = 0
+
+
+ANSWERED = ForwardOutcome(True)
+ANSWER_CUT = ForwardOutcome(True, "answer_cut_short")
+BAD_TARGET = ForwardOutcome(False, "bad_request_target", 404)
+UNREACHABLE = ForwardOutcome(False, "owner_unreachable", 404)
+BUSY = ForwardOutcome(False, "owner_busy", 503)
+TIMED_OUT = ForwardOutcome(False, "owner_timeout", 504)
+FAILED = ForwardOutcome(False, "owner_failed", 502)
+CLIENT_LEFT = ForwardOutcome(False, "client_left", 0)
+CLIENT_STALLED = ForwardOutcome(False, "body_timeout", 408)
+
+
+class _ClientLeft(Exception):
+    """The client disconnected before its body was complete."""
+
+
+class _ClientStalled(Exception):
+    """The client sent nothing for longer than the write timeout."""
+
+
+@dataclass(slots=True)
+class _OwnerPool:
+    client: httpx.AsyncClient
+    in_use: int = 0
+
+
 class OwnerForwarder:
-    """Streams requests to other machines of the app and their answers back (one httpx client)."""
+    """Streams requests to other machines of the app and their answers back, one pool per owner."""
 
-    def __init__(self, *, connect_timeout: float = 5.0) -> None:
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=None, write=None, pool=connect_timeout)
-        self._client: httpx.AsyncClient | None = None
+    def __init__(self, settings: AffinitySettings) -> None:
+        self._settings = settings
+        self._timeout = httpx.Timeout(
+            connect=settings.forward_connect_timeout,
+            read=settings.forward_read_timeout,
+            write=settings.forward_write_timeout,
+            pool=settings.forward_connect_timeout,
+        )
+        self._limits = httpx.Limits(
+            max_connections=settings.forward_connections_per_owner,
+            max_keepalive_connections=settings.forward_connections_per_owner,
+        )
+        self._pools: dict[str, _OwnerPool] = {}
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send, *, owner_url: str, this_machine: str) -> bool:
-        """Send the request to ``owner_url``; False if the owner could not be reached (nothing sent)."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
-        target = owner_url + (scope.get("raw_path") or (scope["root_path"] + scope["path"]).encode()).decode("latin-1")
-        if scope["query_string"]:
-            target += "?" + scope["query_string"].decode("latin-1")
+    async def forward(self, scope: Scope, receive: Receive, send: Send, *, owner_machine_id: str) -> ForwardOutcome:
+        """Send the request to its owner and stream the answer back."""
+        url = self._target(scope, owner_machine_id)
+        if url is None:
+            return BAD_TARGET
         headers = [(name, value) for name, value in scope["headers"] if name not in HOP_BY_HOP]
-        headers.append((FORWARDED_FROM, this_machine.encode("ascii")))
-        request = self._client.build_request(scope["method"], target, headers=headers, content=_body(receive))
+        headers.append((FORWARDED_FROM, self._settings.machine_id.encode("ascii")))
+        pool = await self._pool(owner_machine_id)
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            logger.info("affinity: forward to %s failed: %r", owner_url, exc)
-            return False
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (name, value) for name, value in response.headers.raw if name.lower() not in HOP_BY_HOP
-                    ],
-                }
-            )
+            content = _body(receive, self._settings.forward_write_timeout)
+            request = pool.client.build_request(scope["method"], url, headers=headers, content=content)
             try:
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.TransportError as exc:
-                # The answer has started: all that is left is to end it.
-                logger.info("affinity: forwarded answer from %s cut short: %r", owner_url, exc)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                response = await pool.client.send(request, stream=True)
+            except _ClientLeft:
+                return CLIENT_LEFT
+            except _ClientStalled:
+                return CLIENT_STALLED
+            except httpx.PoolTimeout:
+                return BUSY
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                return UNREACHABLE
+            except httpx.TimeoutException:
+                return TIMED_OUT
+            except httpx.HTTPError:
+                return FAILED
+            try:
+                return await _relay(response, send)
+            finally:
+                await response.aclose()
         finally:
-            await response.aclose()
-        return True
+            pool.in_use -= 1
+
+    def _target(self, scope: Scope, owner_machine_id: str) -> httpx.URL | None:
+        """The owner's URL for this request, from parts; ``None`` for a target that is not a plain path."""
+        raw_path: bytes | None = scope.get("raw_path")
+        if raw_path is None:
+            raw_path = quote(scope["root_path"] + scope["path"], safe="/:@!$&'()*+,;=-._~").encode("ascii")
+        query: bytes = scope["query_string"]
+        if not raw_path.startswith(b"/") or not _PATH_BYTES.issuperset(raw_path) or not _PATH_BYTES.issuperset(query):
+            return None
+        base = urlsplit(self._settings.peer_url(owner_machine_id))
+        if not base.hostname:
+            return None
+        return httpx.URL(
+            scheme=base.scheme,
+            host=base.hostname,
+            port=base.port,
+            raw_path=raw_path + b"?" + query if query else raw_path,
+        )
+
+    async def _pool(self, owner_machine_id: str) -> _OwnerPool:
+        pool = self._pools.pop(owner_machine_id, None)
+        created = pool is None
+        if pool is None:
+            pool = _OwnerPool(
+                httpx.AsyncClient(
+                    timeout=self._timeout,
+                    limits=self._limits,
+                    follow_redirects=False,
+                    # Never a proxy, .netrc credentials or certificates from the environment: peers only.
+                    trust_env=False,
+                )
+            )
+        self._pools[owner_machine_id] = pool  # most recently used last
+        pool.in_use += 1
+        if created:
+            idle = [owner for owner, kept in self._pools.items() if kept.in_use == 0]
+            for owner in idle[: max(0, len(idle) - IDLE_OWNER_POOLS_KEPT)]:
+                # The least recently used idle pools; checked again, as a close lets others run.
+                kept = self._pools.get(owner)
+                if kept is not None and kept.in_use == 0:
+                    del self._pools[owner]
+                    await kept.client.aclose()
+        return pool
+
+    async def aclose(self) -> None:
+        """Close every owner's connections."""
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.client.aclose()
 
 
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
+async def _relay(response: httpx.Response, send: Send) -> ForwardOutcome:
+    """Stream the owner's answer to the client."""
+    headers = [(name, value) for name, value in response.headers.raw if name.lower() not in HOP_BY_HOP]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    outcome = ANSWERED
+    try:
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except httpx.HTTPError:
+        # The answer has started: all that is left is to end it.
+        outcome = ANSWER_CUT
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return outcome
+
+
+async def _body(receive: Receive, idle_timeout: float) -> AsyncIterator[bytes]:
+    """The client's body, piece by piece; raises instead of ending if the client leaves or stalls."""
     while True:
-        message = await receive()
+        try:
+            with anyio.fail_after(idle_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise _ClientStalled from None
         if message["type"] == "http.disconnect":
-            return
-        yield message.get("body", b"")
+            raise _ClientLeft
+        body = message.get("body", b"")
+        if body:
+            yield body
         if not message.get("more_body", False):
             return

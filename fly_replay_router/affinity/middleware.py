@@ -5,71 +5,51 @@ request headers, which Fly's proxy sets and strips from client requests, and ``a
 from peers. A client that forges any of them can only turn its own request into a 404: a replay or
 forward target always comes from a verified token.
 
-Carriers of a session id, in the order they are looked for:
-
-- the ``Mcp-Session-Id`` request header (Streamable HTTP, every method);
-- the ``session_id`` query parameter (legacy HTTP+SSE message posts).
+Carriers of a session id (``fly_replay_router.affinity.carriers`` reads them exactly as the
+server behind the layer does): the ``Mcp-Session-Id`` request header (Streamable HTTP, every method)
+and the ``session_id`` query parameter (legacy HTTP+SSE message posts). A request that carries one
+reaches the server only with a token verified for this machine, and then with the inner id in that
+carrier; two carriers, or one that could be read two ways, get 404. The ``MCP-Protocol-Version``
+header does not change that: only a request with no carrier at all passes through untouched.
 
 References: MCP "Streamable HTTP" and "HTTP with SSE" transports (session management, 404 to
-restart); Fly "Dynamic request routing" (``fly-replay``); ``shared/reference/*.md``.
+restart, https://modelcontextprotocol.io/specification/2025-11-25/basic/transports); Fly "Dynamic
+request routing" (https://fly.io/docs/networking/dynamic-request-routing/).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
 import time
-from urllib.parse import unquote
 
-from fly_replay_router.affinity.capacity import FULL_STATE_PREFIX, Admission, Elsewhere, RateLimited, Refusal, full_hops
-from fly_replay_router.affinity.decision import Arrival, Forward, Reject, Replay, decide
-from fly_replay_router.affinity.forward import FORWARDED_FROM, OwnerForwarder, body_replayable
+from fly_replay_router.affinity.answers import send_forward_failure, send_not_found, send_refusal, send_replay
+from fly_replay_router.affinity.arrival import LARGE_BODY, ROUTING_HEADERS, SMALL_BODY, arrival, replay_state
+from fly_replay_router.affinity.capacity import Admission, Elsewhere, Refusal, client_key, full_hops
+from fly_replay_router.affinity.carriers import AmbiguousCarrier, QueryCarrier, find_query_carrier
+from fly_replay_router.affinity.decision import Forward, Reject, Replay, decide
+from fly_replay_router.affinity.forward import OwnerForwarder, body_replayable
+from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.metrics import DecisionCounts
 from fly_replay_router.affinity.sse import EndpointEventRewriter
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
-from fly_replay_router.fly import (
-    FLY_CLIENT_IP,
-    FLY_PREFERRED_INSTANCE_UNAVAILABLE,
-    FLY_REPLAY,
-    FLY_REPLAY_FAILED,
-    FLY_REPLAY_SRC,
-    FLY_REQUEST_ID,
-    ReplayInstruction,
-    parse_replay_src,
-)
 from fly_replay_router.protocol import (
     HANDSHAKE_PROTOCOL_VERSIONS,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
-    SESSION_NOT_FOUND_BODY,
     is_event_stream,
 )
 from fly_replay_router.settings import AffinitySettings
 
-logger = logging.getLogger("fly_replay_router.affinity")
-
 _HANDSHAKE_VERSIONS = frozenset(version.encode("ascii") for version in HANDSHAKE_PROTOCOL_VERSIONS)
-_FLY_REPLAY_SRC = FLY_REPLAY_SRC.encode("ascii")
-_FLY_REPLAY_FAILED = FLY_REPLAY_FAILED.encode("ascii")
-_FLY_PREFERRED_UNAVAILABLE = FLY_PREFERRED_INSTANCE_UNAVAILABLE.encode("ascii")
-_FLY_REQUEST_ID = FLY_REQUEST_ID.encode("ascii")
-_FLY_CLIENT_IP = FLY_CLIENT_IP.encode("ascii")
-_ROUTING_HEADERS = frozenset({_FLY_REPLAY_SRC, _FLY_REPLAY_FAILED, _FLY_PREFERRED_UNAVAILABLE, FORWARDED_FROM})
-_LEGACY_SESSION_PARAM = re.compile(rb"(?:^|&)session_id=([^&]*)")
-
-_NOT_FOUND_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(SESSION_NOT_FOUND_BODY)).encode("ascii")),
-]
+# The SDK's DNS-rebinding check answers 421 (Misdirected Request) to a disallowed Host.
+_MISDIRECTED = 421
 
 
 class AffinityMiddleware:
     """Keeps every request of an MCP session on the machine that holds the session in memory.
 
-    Wraps the inner server's session ids in signed tokens naming this machine, and routes each
-    request that carries a token: served here, replayed to its owner with ``fly-replay``, forwarded
+    Wraps the inner server's session ids in sealed tokens naming this machine, and routes each
+    request that carries one: served here, replayed to its owner with ``fly-replay``, forwarded
     to the owner when Fly cannot replay its body, or answered 404. Other traffic (no session,
     2026-07-28 requests, lifespan, websockets) passes through untouched.
     """
@@ -78,8 +58,9 @@ class AffinityMiddleware:
         self.app = app
         self.settings = settings
         self._codec = TokenCodec(settings.secret_keys, app_name=settings.app_name)
-        self._forwarder = OwnerForwarder()
+        self._forwarder = OwnerForwarder(settings)
         self._counts = DecisionCounts(settings.machine_id)
+        self._log = DecisionLog(settings.machine_id)
         self._admission = Admission(
             max_sessions=settings.max_sessions,
             max_legacy_sessions=settings.max_legacy_sessions,
@@ -96,13 +77,13 @@ class AffinityMiddleware:
         token: bytes | None = None
         version: bytes | None = None
         length: bytes | None = None
-        token_index = 0
+        token_index = carriers = 0
         chunked = routing = False
-        # One pass. The first Mcp-Session-Id and MCP-Protocol-Version count, as for the SDK.
+        # One pass over the headers.
         for index, (name, value) in enumerate(headers):
             if name == MCP_SESSION_ID:
-                if token is None:
-                    token, token_index = value, index
+                carriers += 1
+                token, token_index = value, index
             elif name == MCP_PROTOCOL_VERSION:
                 if version is None:
                     version = value
@@ -110,37 +91,56 @@ class AffinityMiddleware:
                 length = value
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name in _ROUTING_HEADERS:
+            elif name in ROUTING_HEADERS:
                 routing = True
-        if version is not None and version not in _HANDSHAKE_VERSIONS:
-            # 2026-07-28 and later: sessionless, any machine serves it.
+        query_carrier: QueryCarrier | None = None
+        if scope["query_string"]:
+            try:
+                query_carrier = find_query_carrier(scope["query_string"])
+            except AmbiguousCarrier:
+                carriers = 2
+            else:
+                carriers += query_carrier is not None
+
+        if not carriers:
+            method = scope["method"]
+            if version is not None and version not in _HANDSHAKE_VERSIONS and method == "POST":
+                # 2026-07-28 and later: sessionless, any machine serves it, nothing to mint.
+                self._counts.passed += 1
+                await self.app(scope, receive, send)
+                return
+            if method == "POST" or method == "GET":  # the methods that open sessions
+                refusal = self._admission.refusal(
+                    client=client_key(scope),
+                    legacy=method == "GET",
+                    hops=full_hops(replay_state(headers)) if routing else 0,
+                    replayable=body_replayable(length, chunked),
+                    now=time.monotonic(),
+                )
+                if refusal is not None:
+                    await self._refuse(scope, send, refusal)
+                    return
             self._counts.passed += 1
-            await self.app(scope, receive, send)
+            answer = _Answer()
+            try:
+                await self.app(scope, receive, self._minting_send(scope, send, answer))
+            except ValueError:
+                # The official SDK's legacy GET /sse answers a disallowed Host with 421, then raises
+                # ValueError("Request validation failed"): a traceback per request, for a refusal
+                # by design. Only that shape is absorbed (a complete 421, then ValueError).
+                if not (answer.complete and answer.status == _MISDIRECTED):
+                    raise
+                self._reject(scope, "host_not_allowed", None, count=False)
+            finally:
+                if answer.legacy_stream:
+                    self._admission.live.legacy_streams -= 1
+            return
+        if carriers > 1:
+            self._reject(scope, "ambiguous_carrier", None)
+            await send_not_found(send)
             return
 
-        legacy_match = None
-        if token is not None:
-            token_text = token.decode("latin-1")
-        else:
-            legacy_match = _LEGACY_SESSION_PARAM.search(scope["query_string"])
-            if legacy_match is None:
-                method = scope["method"]
-                if method == "POST" or method == "GET":  # the methods that open sessions
-                    refusal = self._admission.refusal(
-                        client=_client_key(scope, headers),
-                        legacy=method == "GET",
-                        hops=full_hops(_replay_state(headers)) if routing else 0,
-                        replayable=body_replayable(length, chunked),
-                        now=time.monotonic(),
-                    )
-                    if refusal is not None:
-                        await self._refuse(scope, send, refusal)
-                        return
-                self._counts.passed += 1
-                await self._pass_minting(scope, receive, send)
-                return
-            token_text = unquote(legacy_match.group(1).decode("latin-1"))
-
+        token_text = query_carrier.value if query_carrier is not None else (token or b"").decode("latin-1")
         replayable = body_replayable(length, chunked)
         decision = decide(
             token_text,
@@ -148,11 +148,11 @@ class AffinityMiddleware:
             codec=self._codec,
             now=time.time(),
             max_age=self.settings.max_token_age,
-            arrival=_arrival(headers, replayable) if routing else (_SMALL_BODY if replayable else _LARGE_BODY),
+            arrival=arrival(headers, replayable) if routing else (SMALL_BODY if replayable else LARGE_BODY),
         )
         if isinstance(decision, Reject):
-            self._record(scope, "rejected", decision.reason, decision.owner_machine_id)
-            await _send_not_found(send)
+            self._reject(scope, decision.reason, decision.owner_machine_id)
+            await send_not_found(send)
             return
         if isinstance(decision, Replay):
             self._record(scope, "replayed", "", decision.owner_machine_id)
@@ -165,13 +165,11 @@ class AffinityMiddleware:
         self._counts.served += 1
         inner = decision.inner_session_id.encode("ascii")
         scope = dict(scope)
-        if legacy_match is None:
+        if query_carrier is None:
             scope["headers"] = rewritten = list(headers)
             rewritten[token_index] = (MCP_SESSION_ID, inner)
         else:
-            query: bytes = scope["query_string"]
-            start, end = legacy_match.span(1)
-            scope["query_string"] = query[:start] + inner + query[end:]
+            scope["query_string"] = query_carrier.replaced(scope["query_string"], inner)
         live = self._admission.live
         live.seen(inner, time.monotonic())
         live.started(inner)
@@ -181,15 +179,19 @@ class AffinityMiddleware:
         finally:
             live.finished(inner, time.monotonic())
 
+    async def aclose(self) -> None:
+        """Close the connections kept open to other machines for forwarding."""
+        await self._forwarder.aclose()
+
     def issue_token(self, inner_session_id: str) -> str:
         """A token for a session id the inner app minted on this machine."""
         return self._codec.issue(self.settings.machine_id, inner_session_id, now=time.time())
 
-    async def _pass_minting(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass on a request without a session: session ids the inner app mints leave as tokens.
+    def _minting_send(self, scope: Scope, send: Send, answer: _Answer) -> Send:
+        """``send`` for a request without a session: session ids the inner app mints leave as tokens.
 
         A legacy ``GET /sse`` stream also has its ``endpoint`` event rewritten as it passes, and
-        counts as an open legacy session until it ends.
+        counts as an open legacy session until it ends; a minted session counts from now on.
         """
         rewriter: EndpointEventRewriter | None = None
         scan_for_endpoint = scope["method"] == "GET"
@@ -198,6 +200,7 @@ class AffinityMiddleware:
         async def send_minting(message: Message) -> None:
             nonlocal rewriter
             if message["type"] == "http.response.start":
+                answer.status = message["status"]
                 headers = message.get("headers", ())
                 if any(name == MCP_SESSION_ID for name, _ in headers):
                     wrapped = []
@@ -210,18 +213,17 @@ class AffinityMiddleware:
                 if scan_for_endpoint and is_event_stream(headers):
                     rewriter = EndpointEventRewriter(self.issue_token)
                     live.legacy_streams += 1
-            elif message["type"] == "http.response.body" and rewriter is not None and not rewriter.done:
-                body = rewriter.feed(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body += rewriter.flush()
-                message = {**message, "body": body}
+                    answer.legacy_stream = True
+            elif message["type"] == "http.response.body":
+                answer.complete = not message.get("more_body", False)
+                if rewriter is not None and not rewriter.done:
+                    body = rewriter.feed(message.get("body", b""))
+                    if answer.complete:
+                        body += rewriter.flush()
+                    message = {**message, "body": body}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_minting)
-        finally:
-            if rewriter is not None:
-                live.legacy_streams -= 1
+        return send_minting
 
     def _echoing_send(self, scope: Scope, send: Send, inner: bytes, token: bytes) -> Send:
         """``send`` for a session served here: the inner id goes back out as the client's own token.
@@ -250,119 +252,47 @@ class AffinityMiddleware:
         return send_echoing
 
     async def _send_replay(self, send: Send, owner: str) -> None:
-        instruction = self.settings.replay_instruction(owner).to_header().encode("ascii")
-        body = f"Session owned by machine {owner}: Fly's proxy replays this request there.\n".encode("ascii")
-        headers = [
-            (FLY_REPLAY.encode("ascii"), instruction),
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode("ascii")),
-        ]
-        # 307, not 2xx: without Fly in front, this answer must not look like a success.
-        await send({"type": "http.response.start", "status": 307, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        body = f"Session owned by machine {owner}: Fly's proxy replays this request there.\n"
+        await send_replay(send, self.settings.replay_instruction(owner), body)
 
     async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
-        """Answer a request that may not open a session now (see ``capacity.Admission``)."""
+        """Answer a request that may not open a session here now (see ``capacity.Admission``)."""
         if isinstance(refusal, Elsewhere):
             self._record(scope, "replayed", "at_capacity", None)
-            instruction = ReplayInstruction(elsewhere=True, state=f"{FULL_STATE_PREFIX}{refusal.hops}")
-            body = b"This machine holds all the sessions it can: Fly's proxy replays this request to another.\n"
-            await _send_text(send, 307, body, [(FLY_REPLAY.encode("ascii"), instruction.to_header().encode("ascii"))])
+            body = "This machine holds all the sessions it can: Fly's proxy replays this request to another.\n"
+            await send_replay(send, refusal.instruction(), body)
             return
-        if isinstance(refusal, RateLimited):
-            reason, status, message = "rate_limited", 429, "Too many new sessions from this client"
-        else:
-            reason, status, message = "at_capacity", 503, "Every machine tried holds all the sessions it can"
-        self._record(scope, "rejected", reason, None)
-        body = json.dumps(
-            {"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": f"{message}; retry later"}},
-            separators=(",", ":"),
-        ).encode("utf-8")
-        headers = [(b"retry-after", str(refusal.retry_after).encode("ascii"))]
-        await _send_text(send, status, body, headers, content_type=b"application/json")
+        self._reject(scope, refusal.reason, None)
+        await send_refusal(send, refusal)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: str) -> None:
-        owner_url = self.settings.peer_url(owner)
-        reached = await self._forwarder.forward(
-            scope, receive, send, owner_url=owner_url, this_machine=self.settings.machine_id
-        )
-        if reached:
-            self._record(scope, "forwarded", "", owner)
-        else:
-            self._record(scope, "rejected", "owner_unreachable", owner)
-            await _send_not_found(send)
+        outcome = await self._forwarder.forward(scope, receive, send, owner_machine_id=owner)
+        if outcome.answered:
+            self._record(scope, "forwarded", outcome.reason, owner)
+            return
+        self._reject(scope, outcome.reason, owner)
+        if outcome.status == 404:
+            await send_not_found(send)
+        elif outcome.status:
+            await send_forward_failure(send, outcome.status)
 
     def _record(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
-        """Count a decision that is not "served here" and log it as one structured line."""
+        """Count a decision that is not "served here" and log it as one line."""
         self._counts.add(outcome, reason)
-        request_id = next((value for name, value in scope["headers"] if name == _FLY_REQUEST_ID), b"-")
-        fields = {
-            "outcome": outcome,
-            "reason": reason or "-",
-            "owner": owner or "-",
-            "machine": self.settings.machine_id,
-            "request_id": request_id.decode("latin-1"),
-            "method": scope["method"],
-            "path": scope["path"],
-        }
-        logger.info("affinity %s", " ".join(f"{key}={value}" for key, value in fields.items()), extra=fields)
+        self._log.decision(scope, outcome, reason, owner)
+
+    def _reject(self, scope: Scope, reason: str, owner: str | None, *, count: bool = True) -> None:
+        if count:
+            self._counts.add("rejected", reason)
+        self._log.decision(scope, "rejected", reason, owner)
 
 
-def _arrival(headers: list[tuple[bytes, bytes]], body_replayable: bool) -> Arrival:
-    replayed_from: str | None = None
-    forwarded_from: str | None = None
-    replay_failed = preferred_unavailable = False
-    for name, value in headers:
-        if name == _FLY_REPLAY_SRC:
-            replayed_from = parse_replay_src(value.decode("latin-1")).instance or ""
-        elif name == _FLY_REPLAY_FAILED:
-            replay_failed = True
-        elif name == _FLY_PREFERRED_UNAVAILABLE:
-            preferred_unavailable = True
-        elif name == FORWARDED_FROM:
-            forwarded_from = value.decode("latin-1")
-    return Arrival(
-        replayed_from=replayed_from,
-        replay_failed=replay_failed,
-        preferred_unavailable=preferred_unavailable,
-        forwarded_from=forwarded_from,
-        body_replayable=body_replayable,
-    )
+class _Answer:
+    """What the inner app has answered so far: status, whether the body is complete, a legacy stream."""
 
+    __slots__ = ("complete", "legacy_stream", "status")
 
-_SMALL_BODY = Arrival()
-_LARGE_BODY = Arrival(body_replayable=False)
-
-
-def _client_key(scope: Scope, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """Who opens a session: ``Fly-Client-IP`` (set by Fly's proxy, never by the client), else the peer."""
-    for name, value in headers:
-        if name == _FLY_CLIENT_IP:
-            return value
-    client = scope.get("client")
-    return client[0].encode("latin-1") if client else b"-"
-
-
-def _replay_state(headers: list[tuple[bytes, bytes]]) -> str | None:
-    for name, value in headers:
-        if name == _FLY_REPLAY_SRC:
-            return parse_replay_src(value.decode("latin-1")).state
-    return None
-
-
-async def _send_text(
-    send: Send,
-    status: int,
-    body: bytes,
-    headers: list[tuple[bytes, bytes]],
-    *,
-    content_type: bytes = b"text/plain; charset=utf-8",
-) -> None:
-    head = [*headers, (b"content-type", content_type), (b"content-length", str(len(body)).encode("ascii"))]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_not_found(send: Send) -> None:
-    await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
-    await send({"type": "http.response.body", "body": SESSION_NOT_FOUND_BODY})
+    def __init__(self) -> None:
+        self.status = 0
+        self.complete = False
+        self.legacy_stream = False

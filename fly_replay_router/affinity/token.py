@@ -1,30 +1,43 @@
-"""The session token: an inner MCP session id, signed together with the machine that owns it.
+"""The session token: an inner MCP session id, sealed together with the machine that owns it.
 
-Format (every part URL-safe ASCII, joined with ``.``)::
+Format (URL-safe ASCII, parts joined with ``.``)::
 
-    <owner machine id>.<inner id, base64url>.<issued at, base64url int>.<HMAC-SHA256, base64url>
+    <owner machine id>.<format>.<nonce + AES-256-GCM ciphertext + tag, base64url without padding>
 
-A 32-hex inner id (the SDK's ``uuid4().hex``) gives a 109-character token. The signature covers
-the first three parts exactly; its key is derived from the secret *and* the app name, so a token of
-another app or another secret never verifies. Signing and the key ring are itsdangerous's
-``Signer``: every key of the ring verifies, the first one signs.
+``format`` is ``2`` (version 1 was the signed, readable token of earlier releases). The sealed part
+holds a layout byte, the issue time (5 bytes, seconds) and the inner id: packed to 16 bytes when it
+is 32 lowercase hex characters (the official SDK's ``uuid4().hex``), as is otherwise. The layout
+byte leaves room for more fields (a worker id) in a later layout without a new token format.
 
-Reference: itsdangerous ``signer.py`` (key ring, salt per purpose); MCP's session id rule (visible
-ASCII only, 0x21-0x7E).
+Why encrypted, not only signed: the inner id is the session's bearer secret for the server behind
+the layer. A client that could read it could present it raw, in any carrier the server parses,
+and skip every check the token carries (expiry, key retirement, app binding). Sealing keeps the
+layer stateless (no table of ids to keep or lose), and AES-GCM authenticates as it hides: a token
+changed in any way fails to open (``bad_signature``). The owner and format are authenticated too
+(associated data), and the key is derived from the secret *and* the app name (HKDF-SHA256), so a
+token of another app or another secret never opens. Every key of the ring opens, the first seals.
+
+Nonces are 12 random bytes: safe for far more tokens than a key ever seals (NIST SP 800-38D
+allows 2**32 random nonces per key). A 32-hex inner id gives an 84-character token; every token
+is at most ``MAX_TOKEN_LENGTH`` characters, and the encoding is canonical (one spelling per token).
+
+References: RFC 5116 (AEAD), NIST SP 800-38D (GCM), RFC 5869 (HKDF), RFC 4648 section 5
+(base64url); MCP's session id rule (visible ASCII only, 0x21-0x7E).
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
-import hashlib
-import hmac
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from itsdangerous import Signer
-from itsdangerous.encoding import base64_encode, int_to_bytes
-from itsdangerous.signer import HMACAlgorithm
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAX_TOKEN_LENGTH = 256
 MAX_INNER_SESSION_ID_LENGTH = 128
@@ -33,22 +46,31 @@ VERIFIED_TOKENS_KEPT = 10_000
 # Tokens minted on a machine whose clock runs ahead are still young, not "from the future".
 CLOCK_SKEW_SECONDS = 60
 
-_SALT = "fly-replay-router session token v1 for app "
-# A base64url string of 43 characters (32 bytes) leaves two bits of its last character unused;
-# only the canonical characters are accepted, so a token has exactly one spelling.
+TOKEN_FORMAT = "2"
+_KDF_SALT = b"fly-replay-router session token"
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_ISSUED_BYTES = 5
+# Layout byte of the sealed plaintext: how the inner id is stored.
+_LAYOUT_ASCII = 0
+_LAYOUT_HEX = 1
+_SEALED_MIN = _NONCE_BYTES + 1 + _ISSUED_BYTES + 1 + _TAG_BYTES
+_SEALED_MAX = _NONCE_BYTES + 1 + _ISSUED_BYTES + MAX_INNER_SESSION_ID_LENGTH + _TAG_BYTES
 _TOKEN = re.compile(
-    r"(?P<payload>(?P<owner>[0-9a-z]{1,32})\.(?P<inner>[A-Za-z0-9_-]{2,171})\.(?P<issued>[A-Za-z0-9_-]{1,12}))"
-    r"\.(?P<signature>[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048])"
+    rf"(?P<owner>[0-9a-z]{{1,32}})\.{TOKEN_FORMAT}\."
+    rf"(?P<sealed>[A-Za-z0-9_-]{{{-(-_SEALED_MIN * 4 // 3)},{-(-_SEALED_MAX * 4 // 3)}}})"
 )
 _VISIBLE_ASCII = re.compile(rf"[\x21-\x7e]{{1,{MAX_INNER_SESSION_ID_LENGTH}}}")
+_LOWER_HEX_32 = re.compile(r"[0-9a-f]{32}")
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 
 
 class InvalidToken(Exception):
     """A session token that does not prove an owner.
 
     ``reason`` is a stable code for logs and metrics: ``token_too_long``, ``malformed_token``,
-    ``bad_signature`` (forged, another app, or a key no longer in the ring), ``token_from_future``
-    or ``token_expired``.
+    ``bad_signature`` (forged, changed, another app, or a key no longer in the ring: the seal does
+    not open), ``token_from_future`` or ``token_expired``.
     """
 
     def __init__(self, reason: str) -> None:
@@ -65,42 +87,22 @@ class SessionToken:
     issued_at: int
 
 
-class _PreparedHMAC(HMACAlgorithm):
-    """itsdangerous's HMAC, with each key's inner and outer pads hashed once and then copied.
-
-    The signatures are byte-for-byte those of ``HMACAlgorithm``; only the per-call set-up goes.
-    """
-
-    def __init__(self, digest_method: object) -> None:
-        super().__init__(digest_method)
-        self._prepared: dict[bytes, hmac.HMAC] = {}
-
-    def get_signature(self, key: bytes, value: bytes) -> bytes:
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            prepared = self._prepared[key] = hmac.new(key, digestmod=self.digest_method)
-        mac = prepared.copy()
-        mac.update(value)
-        return mac.digest()
+def _derive_key(secret: str, app_name: str) -> AESGCM:
+    kdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=_KDF_SALT,
+        info=f"token format {TOKEN_FORMAT} for app {app_name}".encode(),
+    )
+    return AESGCM(kdf.derive(secret.encode("utf-8")))
 
 
-class _RingSigner(Signer):
-    """itsdangerous's ``Signer`` with derived keys computed once per key, not once per call."""
-
-    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
-        cache: dict[str | bytes | None, bytes] = self.__dict__.setdefault("_derived", {})
-        derived = cache.get(secret_key)
-        if derived is None:
-            derived = cache[secret_key] = super().derive_key(secret_key)
-        return derived
-
-
-_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def _b64decode(part: str) -> bytes:
-    # base64.urlsafe_b64decode without its argument checks; bytes.translate is a table lookup,
-    # str.translate a dict lookup per character (4x the instructions of the whole HMAC).
+    # The token pattern already allows only the base64url alphabet.
     return binascii.a2b_base64(part.encode("ascii").translate(_URLSAFE_TO_STANDARD) + b"=" * (-len(part) % 4))
 
 
@@ -110,34 +112,34 @@ class TokenCodec:
     def __init__(self, secret_keys: Sequence[str], *, app_name: str) -> None:
         if not secret_keys:
             raise ValueError("a token codec needs at least one secret key")
-        # itsdangerous signs with the *last* key of its list and tries the newest first.
-        self._signer = _RingSigner(
-            list(reversed(secret_keys)),
-            salt=_SALT + app_name,
-            digest_method=hashlib.sha256,
-            algorithm=_PreparedHMAC(hashlib.sha256),
-        )
-        # Tokens whose signature verified, so a session's later requests skip the HMAC: the key
-        # ring is fixed for this codec's life, so a signature that verified once always will.
-        # Age is still checked on every call; tokens that fail are never kept.
+        self._keys = tuple(_derive_key(secret, app_name) for secret in secret_keys)
+        # Tokens that opened, so a session's later requests skip the decryption: the key ring is
+        # fixed for this codec's life, so a token that opened once always will. Age is still
+        # checked on every call; tokens that fail are never kept.
         self._verified: dict[str, SessionToken] = {}
 
     def issue(self, owner_machine_id: str, inner_session_id: str, *, now: float) -> str:
-        """A token proving that ``owner_machine_id`` holds ``inner_session_id``."""
+        """A token proving that ``owner_machine_id`` holds ``inner_session_id``, which it hides."""
         if not _VISIBLE_ASCII.fullmatch(inner_session_id):
             raise ValueError(
                 f"the inner server minted a session id that cannot be wrapped: it must be 1 to "
                 f"{MAX_INNER_SESSION_ID_LENGTH} visible ASCII characters (MCP's rule)"
             )
-        inner = base64_encode(inner_session_id).decode("ascii")
-        issued = base64_encode(int_to_bytes(int(now))).decode("ascii")
-        return self._signer.sign(f"{owner_machine_id}.{inner}.{issued}").decode("ascii")
+        if _LOWER_HEX_32.fullmatch(inner_session_id):
+            layout, inner = _LAYOUT_HEX, bytes.fromhex(inner_session_id)
+        else:
+            layout, inner = _LAYOUT_ASCII, inner_session_id.encode("ascii")
+        plaintext = bytes([layout]) + int(now).to_bytes(_ISSUED_BYTES, "big") + inner
+        nonce = os.urandom(_NONCE_BYTES)
+        prefix = f"{owner_machine_id}.{TOKEN_FORMAT}"
+        sealed = nonce + self._keys[0].encrypt(nonce, plaintext, prefix.encode("ascii"))
+        return f"{prefix}.{_b64encode(sealed)}"
 
     def verify(self, token: str, *, now: float, max_age: float | None = None) -> SessionToken:
         """The owner and inner id a token proves. Raises ``InvalidToken`` for anything else."""
         session = self._verified.get(token)
         if session is None:
-            session = self._check_signature(token)
+            session = self._open(token)
             if len(self._verified) >= VERIFIED_TOKENS_KEPT:
                 del self._verified[next(iter(self._verified))]  # the oldest entry
             self._verified[token] = session
@@ -148,16 +150,37 @@ class TokenCodec:
             raise InvalidToken("token_expired")
         return session
 
-    def _check_signature(self, token: str) -> SessionToken:
+    def _open(self, token: str) -> SessionToken:
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("token_too_long")
         match = _TOKEN.fullmatch(token)
         if match is None:
             raise InvalidToken("malformed_token")
-        if not self._signer.verify_signature(match["payload"], match["signature"]):
-            raise InvalidToken("bad_signature")
-        return SessionToken(
-            owner_machine_id=match["owner"],
-            inner_session_id=_b64decode(match["inner"]).decode("ascii"),
-            issued_at=int.from_bytes(_b64decode(match["issued"]), "big"),
-        )
+        sealed_text = match["sealed"]
+        if len(sealed_text) % 4 == 1:
+            raise InvalidToken("malformed_token")
+        sealed = _b64decode(sealed_text)
+        # Canonical spelling only: the last character may not carry unused bits.
+        if _b64encode(sealed) != sealed_text:
+            raise InvalidToken("malformed_token")
+        nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+        associated = token[: match.end("owner") + 1 + len(TOKEN_FORMAT)].encode("ascii")
+        for key in self._keys:
+            try:
+                plaintext = key.decrypt(nonce, ciphertext, associated)
+            except InvalidTag:
+                continue
+            return _session(match["owner"], plaintext)
+        raise InvalidToken("bad_signature")
+
+
+def _session(owner_machine_id: str, plaintext: bytes) -> SessionToken:
+    layout, issued, inner = plaintext[0], plaintext[1 : 1 + _ISSUED_BYTES], plaintext[1 + _ISSUED_BYTES :]
+    # Only this codec seals, so a layout it does not know means a newer release sealed it.
+    if layout == _LAYOUT_HEX and len(inner) == 16:
+        inner_session_id = inner.hex()
+    elif layout == _LAYOUT_ASCII and _VISIBLE_ASCII.fullmatch(inner.decode("latin-1")):
+        inner_session_id = inner.decode("ascii")
+    else:
+        raise InvalidToken("malformed_token")
+    return SessionToken(owner_machine_id, inner_session_id, int.from_bytes(issued, "big"))

@@ -43,7 +43,7 @@ ABBA order, median of the per-round or per-pair ratios; see ``layer.py`` and ``e
   steadiest figure on a shared machine; ``details.inprocess`` has the concurrent-rounds version too.
 - ``decision_us``: ``decide()`` for a token this machine owns, best of 7 ``timeit`` repeats (a
   session's usual request: the codec remembers tokens it verified); ``decision_first_sight_us``: the
-  same for tokens never seen before (the HMAC is checked). The details put ``verify``, ``issue``,
+  same for tokens never seen before (the seal is opened). The details put ``verify``, ``issue``,
   itsdangerous's own ``unsign`` and the whole middleware next to them.
 - ``replays_per_session_*``: the edge's replay counter per session, 100 sessions x 10 calls, 4 machines.
 - ``edge_vs_direct_throughput``: ``tools/call`` throughput through the edge / straight to the machine.

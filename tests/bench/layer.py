@@ -303,7 +303,7 @@ def decision_timing(number: int = 10_000, repeat: int = 7) -> dict[str, float]:
     """µs per call (best of ``repeat``) of ``decide`` for a local-owner token, and of its parts.
 
     ``decision_us`` is a session's usual request (its token verified before: the codec remembers
-    it); ``decision_first_sight_us`` is the first request with a token (the HMAC is checked).
+    it); ``decision_first_sight_us`` is the first request with a token (its seal is opened).
     """
     from fly_replay_router.affinity.decision import decide
     from fly_replay_router.affinity.token import TokenCodec
@@ -320,7 +320,7 @@ def decision_timing(number: int = 10_000, repeat: int = 7) -> dict[str, float]:
     signed = reference.sign(token.rsplit(".", 1)[0])
 
     def first_sight() -> float:
-        # A fresh codec and tokens it has never seen: every decision pays for the signature.
+        # A fresh codec and tokens it has never seen: every decision pays for opening the seal.
         fresh = TokenCodec((SECRET,), app_name=APP_NAME)
         tokens = [codec.issue(MACHINE_ID, uuid.uuid4().hex, now=now) for _ in range(2000)]
         started = time.perf_counter()
