@@ -188,7 +188,7 @@ async def raw_exchange(url: str, request: bytes, *, close_after: float | None = 
 
 
 def metric(machine: Machine, outcome: str, reason: str) -> float:
-    text = httpx.get(f"{machine.url}/metrics", timeout=5).text
+    text = httpx.get(f"{machine.metrics_url}/metrics", timeout=5).text
     pattern = rf'affinity_decisions_total\{{[^}}]*outcome="{outcome}",reason="{reason}"\}} (\S+)'
     match = re.search(pattern, text)
     return float(match.group(1)) if match else 0.0
@@ -210,8 +210,9 @@ async def test_options_star_with_another_machines_token_and_a_chunked_body_gets_
         "transfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     ).encode()
     answer = await raw_exchange(here.url, request)
+    # The demo puts the layer around its MCP routes, all under "/": "*" gets the framework's 404
+    # before the layer. The layer's own answer to "*" is the ASGI-level test above.
     assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
-    assert b"Session not found" in answer
     assert "Traceback" not in here.log()
 
 
