@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fly_replay_router import fly
+from fly_replay_router.edge.command import MachineCommand
 from fly_replay_router.edge.config import DEFAULT_APP_NAME, DEFAULT_AUTOSTOP_INTERVAL, DEFAULT_REGION, FlyToml
 from fly_replay_router.edge.guard import is_loopback
 from fly_replay_router.edge.remote import DEFAULT_EDGE, MACHINE_VERBS
@@ -51,6 +52,7 @@ class LaunchPlan:
     mcp_path: str | None
     sse_path: str | None
     secret: str
+    command: MachineCommand
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--app", default=DEMO_APP, help=f"ASGI app each machine runs, module:attr (default {DEMO_APP}, the demo)"
     )
     fleet.add_argument("--app-dir", default=None, help="directory to import --app from (uvicorn --app-dir)")
+    fleet.add_argument(
+        "--dockerfile",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=(
+            "each machine runs this Dockerfile's CMD, with only its ports and --app replaced (default: the "
+            "Dockerfile next to the fly.toml in use; without one, python -m fly_replay_router.serve)"
+        ),
+    )
     fleet.add_argument(
         "--app-name", default=None, help=f"FLY_APP_NAME (default: fly.toml's app, else {DEFAULT_APP_NAME})"
     )
@@ -210,7 +222,9 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"--log-dir {log_dir}: cannot create it ({exc.strerror})") from exc
+    command = MachineCommand.find(args.dockerfile, path, required=args.dockerfile is not None) if machines else None
     return LaunchPlan(
+        command=command or MachineCommand(),
         app=args.app,
         app_dir=args.app_dir,
         app_name=args.app_name or fly_toml.app or DEFAULT_APP_NAME,

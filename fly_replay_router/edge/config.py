@@ -28,6 +28,8 @@ DEFAULT_APP_NAME = "local-mcp"
 # Fly refuses replay cache TTLs under ten seconds.
 MIN_CACHE_TTL_SECONDS = 10
 
+# Fly's default kill_timeout: seconds between kill_signal and SIGKILL when a machine stops.
+DEFAULT_KILL_TIMEOUT = 5.0
 # Fly's documented defaults when [http_service.concurrency] is absent: soft 20, no hard limit.
 DEFAULT_SOFT_LIMIT = 20
 # Fly checks for excess capacity "every few minutes"; locally a shorter cadence shows the effect
@@ -77,6 +79,7 @@ class FlyToml:
     min_machines_running: int = 0
     soft_limit: int = DEFAULT_SOFT_LIMIT
     hard_limit: int | None = None
+    kill_timeout: float = DEFAULT_KILL_TIMEOUT
     # The path of the first [[http_service.checks]] entry: Fly keeps a Machine in rotation while
     # a GET of it answers 2xx. None: the app declares no HTTP check.
     health_path: str | None = None
@@ -140,6 +143,7 @@ class FlyToml:
             replay_cache=rules,
             env=tuple((str(key), str(value)) for key, value in env.items()),
             health_path=_health_path(service.get("checks", [])),
+            kill_timeout=_seconds(document.get("kill_timeout", DEFAULT_KILL_TIMEOUT), "kill_timeout"),
         )
 
 
@@ -225,6 +229,18 @@ def _auto_stop(value: object) -> AutoStop:
     if value == "off":
         return "off"
     raise ValueError(f'http_service.auto_stop_machines {value!r} must be "off", "stop" or "suspend"')
+
+
+def _seconds(value: object, name: str) -> float:
+    # Fly takes a number of seconds, or a duration such as "30s" or "1m".
+    if isinstance(value, str):
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+        unit = next((u for u in units if value.endswith(u) and value[: -len(u)].replace(".", "", 1).isdigit()), None)
+        if unit is not None:
+            return float(value[: -len(unit)]) * units[unit]
+    elif not isinstance(value, bool) and isinstance(value, int | float) and value >= 0:
+        return float(value)
+    raise ValueError(f'{name} must be a number of seconds or a duration such as "30s"')
 
 
 def _whole(value: object, name: str) -> int:

@@ -59,12 +59,19 @@ class Machine:
     last_active: float = field(default_factory=time.monotonic)
     exit_code: int | None = None
     log_path: Path | None = None
+    # The machine's private metrics port (the image's --metrics-port), when it serves one.
+    metrics_url: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def port(self) -> int:
         """The loopback port from ``url``."""
         return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
+
+    @property
+    def peer_url(self) -> str:
+        """How its peers reach it: over IPv6 for a managed machine, as on Fly's private network (6PN)."""
+        return f"http://[::1]:{self.port}" if self.managed else self.url
 
     @property
     def shown_state(self) -> str:
@@ -78,6 +85,7 @@ class Machine:
         return {
             "id": self.id,
             "url": self.url,
+            "peer_url": self.peer_url,
             "state": self.shown_state,
             "requests": self.requests,
             "in_flight": self.in_flight,
@@ -86,4 +94,5 @@ class Machine:
             "pid": self.process.pid if self.process is not None and self.process.poll() is None else None,
             "exit_code": self.exit_code,
             "log": str(self.log_path) if self.log_path is not None else None,
+            "metrics_url": self.metrics_url,
         }

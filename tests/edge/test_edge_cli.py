@@ -68,7 +68,9 @@ def test_machines_get_the_fly_environment(fleet: FleetProcess) -> None:
         assert env["AFFINITY_FROM_FLY_TOML"] == "yes"  # fly.toml's [env]
         assert env["AFFINITY_SET_BY_BOTH"] == "shell"  # the shell wins, as fly secrets do over [env]
         peers = dict(peer.split("=", 1) for peer in env["AFFINITY_PEERS"].split(","))
-        assert peers == {m["id"]: m["url"] for m in machines}
+        # Peers over IPv6, as on Fly's private network; the edge over IPv4, as Fly's proxy.
+        assert peers == {m["id"]: m["url"].replace("127.0.0.1", "[::1]") for m in machines}
+        assert all(m["peer_url"] == peers[m["id"]] and m["url"].startswith("http://127.0.0.1:") for m in machines)
 
 
 def test_kill_stop_start_and_autostart(fleet: FleetProcess) -> None:
