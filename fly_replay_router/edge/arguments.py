@@ -15,7 +15,14 @@ from pathlib import Path
 
 from fly_replay_router import fly
 from fly_replay_router.edge.command import MachineCommand
-from fly_replay_router.edge.config import DEFAULT_APP_NAME, DEFAULT_AUTOSTOP_INTERVAL, DEFAULT_REGION, FlyToml
+from fly_replay_router.edge.config import (
+    DEFAULT_APP_NAME,
+    DEFAULT_AUTOSTOP_INTERVAL,
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_HEAD_BYTES,
+    DEFAULT_REGION,
+    FlyToml,
+)
 from fly_replay_router.edge.guard import is_loopback
 from fly_replay_router.edge.remote import DEFAULT_EDGE, MACHINE_VERBS
 
@@ -53,6 +60,8 @@ class LaunchPlan:
     sse_path: str | None
     secret: str
     command: MachineCommand
+    max_head_bytes: int
+    head_timeout: float
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
             "few minutes); a machine is idle with no request in flight for a whole interval"
         ),
     )
+    edge.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEAD_BYTES,
+        metavar="BYTES",
+        help=f"largest request line + headers the edge reads; 431 past it (default {DEFAULT_MAX_HEAD_BYTES})",
+    )
+    edge.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEAD_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a request's headers must arrive within this time, else 408 (default {DEFAULT_HEAD_TIMEOUT:g})",
+    )
     edge.add_argument("--log-level", default="info", choices=("debug", "info", "warning"), help="edge log level")
     verbs = parser.add_subparsers(dest="verb", metavar="{machine,status}")
     machine = verbs.add_parser(
@@ -191,6 +214,10 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     """Check the arguments and read fly.toml. Raises ``ValueError`` with a sentence a user can act on."""
     if not args.autostop_interval > 0:
         raise ValueError("--autostop-interval must be a positive number of seconds")
+    if not args.header_timeout > 0:
+        raise ValueError("--header-timeout must be a positive number of seconds")
+    if args.max_header_bytes < 1024:
+        raise ValueError("--max-header-bytes must be at least 1024")
     machines = args.machines
     if machines is None:
         machines = 0 if args.backend else DEFAULT_MACHINES
@@ -225,6 +252,8 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     command = MachineCommand.find(args.dockerfile, path, required=args.dockerfile is not None) if machines else None
     return LaunchPlan(
         command=command or MachineCommand(),
+        max_head_bytes=args.max_header_bytes,
+        head_timeout=args.header_timeout,
         app=args.app,
         app_dir=args.app_dir,
         app_name=args.app_name or fly_toml.app or DEFAULT_APP_NAME,

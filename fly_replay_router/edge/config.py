@@ -39,6 +39,12 @@ DEFAULT_AUTOSTOP_INTERVAL = 30.0
 # edge gives up with 503 (Fly's proxy retries load balancing for a few seconds, then errors).
 DEFAULT_QUEUE_TIMEOUT = 5.0
 
+# The front door (door.py): a request's head may take 64 KiB and 100 fields (431 past either), and
+# must arrive within 30 s (408). Fly documents no figures; door.py says why these.
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+DEFAULT_MAX_HEADER_COUNT = 100
+DEFAULT_HEAD_TIMEOUT = 30.0
+
 CacheKeyKind = Literal["header", "cookie"]
 AutoStop = Literal["off", "stop", "suspend"]
 
@@ -173,8 +179,17 @@ class EdgeConfig:
     control_names: tuple[str, ...] = LOOPBACK_NAMES
     autostop_interval: float = DEFAULT_AUTOSTOP_INTERVAL
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT
 
     def __post_init__(self) -> None:
+        if self.max_head_bytes < 1024:
+            raise ValueError("the header size limit must be at least 1024 bytes")
+        if self.max_header_count < 1:
+            raise ValueError("the header count limit must be at least 1")
+        if not self.head_timeout > 0:
+            raise ValueError("the header timeout must be a positive number of seconds")
         if not self.autostop_interval > 0:
             raise ValueError("the autostop interval must be a positive number of seconds")
         if self.queue_timeout < 0:

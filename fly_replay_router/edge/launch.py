@@ -85,6 +85,8 @@ async def _run(plan: LaunchPlan, sock: socket.socket) -> int:
             edge_port=port,
             control_names=edge_names(plan.host),
             autostop_interval=plan.autostop_interval,
+            max_head_bytes=plan.max_head_bytes,
+            head_timeout=plan.head_timeout,
         )
         server = edge_server(EdgeProxy(fleet, config))
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
