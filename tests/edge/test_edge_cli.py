@@ -30,7 +30,8 @@ def test_help_explains_every_option() -> None:
     assert result.returncode == 0
     options = ("--machines", "--app", "--backend", "--port", "--host", "--balance", "--fly-toml", "--app-name")
     more = ("--autostop-interval", "--health-path", "--mcp-path", "--log-dir", "--app-dir", "--region", "--log-level")
-    for option in (*options, *more):
+    door = ("--dockerfile", "--max-header-bytes", "--header-timeout")
+    for option in (*options, *more, *door):
         assert option in result.stdout
     # The console script is the same command.
     script = Path(sys.executable).with_name("fly-replay-edge")
