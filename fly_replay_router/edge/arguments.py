@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fly_replay_router import fly
-from fly_replay_router.edge.config import DEFAULT_APP_NAME, DEFAULT_AUTOSTOP_INTERVAL, DEFAULT_REGION, FlyToml
+from fly_replay_router.edge.command import MachineCommand
+from fly_replay_router.edge.config import (
+    DEFAULT_APP_NAME,
+    DEFAULT_AUTOSTOP_INTERVAL,
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_HEAD_BYTES,
+    DEFAULT_REGION,
+    FlyToml,
+)
 from fly_replay_router.edge.guard import is_loopback
 from fly_replay_router.edge.remote import DEFAULT_EDGE, MACHINE_VERBS
 
@@ -51,6 +59,9 @@ class LaunchPlan:
     mcp_path: str | None
     sse_path: str | None
     secret: str
+    command: MachineCommand
+    max_head_bytes: int
+    head_timeout: float
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--app", default=DEMO_APP, help=f"ASGI app each machine runs, module:attr (default {DEMO_APP}, the demo)"
     )
     fleet.add_argument("--app-dir", default=None, help="directory to import --app from (uvicorn --app-dir)")
+    fleet.add_argument(
+        "--dockerfile",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=(
+            "each machine runs this Dockerfile's CMD, with only its ports and --app replaced (default: the "
+            "Dockerfile next to the fly.toml in use; without one, python -m fly_replay_router.serve)"
+        ),
+    )
     fleet.add_argument(
         "--app-name", default=None, help=f"FLY_APP_NAME (default: fly.toml's app, else {DEFAULT_APP_NAME})"
     )
@@ -157,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
             "few minutes); a machine is idle with no request in flight for a whole interval"
         ),
     )
+    edge.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEAD_BYTES,
+        metavar="BYTES",
+        help=f"largest request line + headers the edge reads; 431 past it (default {DEFAULT_MAX_HEAD_BYTES})",
+    )
+    edge.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEAD_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a request's headers must arrive within this time, else 408 (default {DEFAULT_HEAD_TIMEOUT:g})",
+    )
     edge.add_argument("--log-level", default="info", choices=("debug", "info", "warning"), help="edge log level")
     verbs = parser.add_subparsers(dest="verb", metavar="{machine,status}")
     machine = verbs.add_parser(
@@ -179,6 +214,10 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     """Check the arguments and read fly.toml. Raises ``ValueError`` with a sentence a user can act on."""
     if not args.autostop_interval > 0:
         raise ValueError("--autostop-interval must be a positive number of seconds")
+    if not args.header_timeout > 0:
+        raise ValueError("--header-timeout must be a positive number of seconds")
+    if args.max_header_bytes < 1024:
+        raise ValueError("--max-header-bytes must be at least 1024")
     machines = args.machines
     if machines is None:
         machines = 0 if args.backend else DEFAULT_MACHINES
@@ -210,7 +249,11 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"--log-dir {log_dir}: cannot create it ({exc.strerror})") from exc
+    command = MachineCommand.find(args.dockerfile, path, required=args.dockerfile is not None) if machines else None
     return LaunchPlan(
+        command=command or MachineCommand(),
+        max_head_bytes=args.max_header_bytes,
+        head_timeout=args.header_timeout,
         app=args.app,
         app_dir=args.app_dir,
         app_name=args.app_name or fly_toml.app or DEFAULT_APP_NAME,

@@ -10,10 +10,16 @@ https://fly.io/docs/networking/dynamic-request-routing/):
 
 A cache is an optimisation, never a guarantee: an entry whose target cannot be reached, or whose
 target replays the request again, is dropped, and the proxy asks the app again.
+
+Cost per request does not grow with the number of entries: a session entry is one dict lookup;
+path entries are found by trying the request path's prefixes of the lengths that are cached (a
+handful), not by scanning; expired entries leave through a heap ordered by expiry, swept a few at
+a time on each write, so an edge that sees many short-lived sessions does not keep them all.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,8 +68,14 @@ class ReplayCache:
     ) -> None:
         # Longest prefix first, so the first match is the one Fly would pick.
         self._rules = tuple(sorted(rules, key=lambda rule: len(rule.path_prefix), reverse=True))
+        self._ttls = {rule.path_prefix: rule.ttl_seconds for rule in self._rules}
         self._clock = clock
         self._entries: dict[CacheKey, tuple[str, float]] = {}
+        # How many path entries have a prefix of each length: the lengths a lookup tries, longest first.
+        self._path_lengths: dict[int, int] = {}
+        # (expires, sequence, key) for every write; an item whose entry was rewritten or dropped is stale.
+        self._expiry: list[tuple[float, int, CacheKey]] = []
+        self._writes = 0
 
     def lookup(self, path: str, headers: Mapping[str, str], *, skip_requested: bool = False) -> CacheLookup:
         """Find the entry that decides where a request to ``path`` with ``headers`` goes.
@@ -80,41 +92,71 @@ class ReplayCache:
                 bypass = skip_requested and rule.allow_bypass
         if bypass:
             return CacheLookup(session_key=session_key, bypass=True)
-        for key in (session_key, self._longest_path_entry(path)):
-            if key is None:
-                continue
-            target = self._live_target(key)
+        if not self._entries:
+            return CacheLookup(session_key=session_key)
+        if session_key is not None:
+            target = self._live_target(session_key)
             if target is not None:
-                return CacheLookup(session_key=session_key, hit=key, target=target)
+                return CacheLookup(session_key=session_key, hit=session_key, target=target)
+        for length in sorted(self._path_lengths, reverse=True) if self._path_lengths else ():
+            if length <= len(path):
+                key = CacheKey("path", path[:length])
+                target = self._live_target(key)
+                if target is not None:
+                    return CacheLookup(session_key=session_key, hit=key, target=target)
         return CacheLookup(session_key=session_key)
 
     def remember_session(self, key: CacheKey, machine_id: str) -> None:
         """Store the replay target of a request that matched a session rule."""
-        rule = next(rule for rule in self._rules if rule.path_prefix == key.scope)
-        self._entries[key] = (machine_id, self._clock() + rule.ttl_seconds)
+        self._store(key, machine_id, self._ttls[key.scope])
 
     def remember_path(self, pattern: str, ttl_seconds: int, machine_id: str) -> None:
         """Store a path rule from ``fly-replay-cache: /prefix/*``; a trailing ``*`` is optional."""
         prefix = pattern.rstrip("*")
         if not prefix.startswith("/"):
             raise ValueError(f"fly-replay-cache {pattern!r} is not a path")
-        ttl = max(ttl_seconds, MIN_CACHE_TTL_SECONDS)
-        self._entries[CacheKey("path", prefix)] = (machine_id, self._clock() + ttl)
+        self._store(CacheKey("path", prefix), machine_id, max(ttl_seconds, MIN_CACHE_TTL_SECONDS))
 
     def invalidate(self, key: CacheKey) -> None:
         """Forget one entry (``fly-replay-cache: invalidate``, or a target that failed)."""
-        self._entries.pop(key, None)
+        if self._entries.pop(key, None) is not None and key.kind == "path":
+            self._forget_path_length(len(key.scope))
 
     def __len__(self) -> int:
-        now = self._clock()
-        return sum(1 for _, expires in self._entries.values() if expires > now)
+        self._sweep(len(self._expiry))
+        return len(self._entries)
 
-    def _longest_path_entry(self, path: str) -> CacheKey | None:
-        best: CacheKey | None = None
-        for key in self._entries:
-            if key.kind == "path" and path.startswith(key.scope) and (best is None or len(key.scope) > len(best.scope)):
-                best = key
-        return best
+    def _store(self, key: CacheKey, machine_id: str, ttl: float) -> None:
+        now = self._clock()
+        self._sweep(2, now)  # two out per write in: the heap never holds more than a bounded backlog
+        if key not in self._entries and key.kind == "path":
+            self._path_lengths[len(key.scope)] = self._path_lengths.get(len(key.scope), 0) + 1
+        expires = now + ttl
+        self._entries[key] = (machine_id, expires)
+        self._writes += 1
+        heapq.heappush(self._expiry, (expires, self._writes, key))
+        if len(self._expiry) > 2 * len(self._entries) + 64:
+            # Rewrites of the same keys left stale items behind: rebuild from the live entries.
+            self._expiry = [(exp, index, k) for index, (k, (_, exp)) in enumerate(self._entries.items())]
+            heapq.heapify(self._expiry)
+
+    def _sweep(self, limit: int, now: float | None = None) -> None:
+        """Drop up to ``limit`` expired entries, earliest first."""
+        now = self._clock() if now is None else now
+        heap = self._expiry
+        while limit > 0 and heap and heap[0][0] <= now:
+            expires, _, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry[1] == expires:
+                self.invalidate(key)
+                limit -= 1
+
+    def _forget_path_length(self, length: int) -> None:
+        left = self._path_lengths.get(length, 0) - 1
+        if left > 0:
+            self._path_lengths[length] = left
+        else:
+            self._path_lengths.pop(length, None)
 
     def _live_target(self, key: CacheKey) -> str | None:
         entry = self._entries.get(key)
@@ -122,7 +164,7 @@ class ReplayCache:
             return None
         machine_id, expires = entry
         if expires <= self._clock():
-            del self._entries[key]
+            self.invalidate(key)
             return None
         return machine_id
 

@@ -28,6 +28,8 @@ DEFAULT_APP_NAME = "local-mcp"
 # Fly refuses replay cache TTLs under ten seconds.
 MIN_CACHE_TTL_SECONDS = 10
 
+# Fly's default kill_timeout: seconds between kill_signal and SIGKILL when a machine stops.
+DEFAULT_KILL_TIMEOUT = 5.0
 # Fly's documented defaults when [http_service.concurrency] is absent: soft 20, no hard limit.
 DEFAULT_SOFT_LIMIT = 20
 # Fly checks for excess capacity "every few minutes"; locally a shorter cadence shows the effect
@@ -36,6 +38,12 @@ DEFAULT_AUTOSTOP_INTERVAL = 30.0
 # Unspecified by Fly: how long a request waits when every machine is at its hard limit before the
 # edge gives up with 503 (Fly's proxy retries load balancing for a few seconds, then errors).
 DEFAULT_QUEUE_TIMEOUT = 5.0
+
+# The front door (door.py): a request's head may take 64 KiB and 100 fields (431 past either), and
+# must arrive within 30 s (408). Fly documents no figures; door.py says why these.
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+DEFAULT_MAX_HEADER_COUNT = 100
+DEFAULT_HEAD_TIMEOUT = 30.0
 
 CacheKeyKind = Literal["header", "cookie"]
 AutoStop = Literal["off", "stop", "suspend"]
@@ -77,6 +85,7 @@ class FlyToml:
     min_machines_running: int = 0
     soft_limit: int = DEFAULT_SOFT_LIMIT
     hard_limit: int | None = None
+    kill_timeout: float = DEFAULT_KILL_TIMEOUT
     # The path of the first [[http_service.checks]] entry: Fly keeps a Machine in rotation while
     # a GET of it answers 2xx. None: the app declares no HTTP check.
     health_path: str | None = None
@@ -140,6 +149,7 @@ class FlyToml:
             replay_cache=rules,
             env=tuple((str(key), str(value)) for key, value in env.items()),
             health_path=_health_path(service.get("checks", [])),
+            kill_timeout=_seconds(document.get("kill_timeout", DEFAULT_KILL_TIMEOUT), "kill_timeout"),
         )
 
 
@@ -169,8 +179,17 @@ class EdgeConfig:
     control_names: tuple[str, ...] = LOOPBACK_NAMES
     autostop_interval: float = DEFAULT_AUTOSTOP_INTERVAL
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT
 
     def __post_init__(self) -> None:
+        if self.max_head_bytes < 1024:
+            raise ValueError("the header size limit must be at least 1024 bytes")
+        if self.max_header_count < 1:
+            raise ValueError("the header count limit must be at least 1")
+        if not self.head_timeout > 0:
+            raise ValueError("the header timeout must be a positive number of seconds")
         if not self.autostop_interval > 0:
             raise ValueError("the autostop interval must be a positive number of seconds")
         if self.queue_timeout < 0:
@@ -225,6 +244,18 @@ def _auto_stop(value: object) -> AutoStop:
     if value == "off":
         return "off"
     raise ValueError(f'http_service.auto_stop_machines {value!r} must be "off", "stop" or "suspend"')
+
+
+def _seconds(value: object, name: str) -> float:
+    # Fly takes a number of seconds, or a duration such as "30s" or "1m".
+    if isinstance(value, str):
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+        unit = next((u for u in units if value.endswith(u) and value[: -len(u)].replace(".", "", 1).isdigit()), None)
+        if unit is not None:
+            return float(value[: -len(unit)]) * units[unit]
+    elif not isinstance(value, bool) and isinstance(value, int | float) and value >= 0:
+        return float(value)
+    raise ValueError(f'{name} must be a number of seconds or a duration such as "30s"')
 
 
 def _whole(value: object, name: str) -> int:

@@ -57,7 +57,9 @@ async def handle_control(ctx: EdgeContext, scope: Scope, receive: Receive, send:
             await respond_json(send, 405, {"error": "use GET /_edge/status"})
             return
         config = ctx.config
-        await respond_json(send, 200, ctx.status.to_json(ctx.fleet, app_name=config.app_name, region=config.region))
+        limits = (config.fly_toml.soft_limit, config.fly_toml.hard_limit)
+        document = ctx.status.to_json(ctx.fleet, app_name=config.app_name, region=config.region, limits=limits)
+        await respond_json(send, 200, document)
         return
     if len(parts) == 3 and parts[0] == "machines" and parts[2] in MACHINE_VERBS:
         if method != "POST":
@@ -89,6 +91,6 @@ async def _machine_verb(ctx: EdgeContext, machine_id: str, verb: str, send: Send
         await respond_json(send, 500, {"error": str(exc), "log": exc.log_tail})
         return
     ctx.status.record(verb, machine_id)
-    entry = machine.to_json()
+    entry = machine.to_json((ctx.config.fly_toml.soft_limit, ctx.config.fly_toml.hard_limit))
     entry["sessions"] = ctx.status.sessions.count(machine_id)
     await respond_json(send, 200, entry)

@@ -1,14 +1,17 @@
 """The machines behind the edge: local ``uvicorn`` processes, or backends started elsewhere.
 
-Each managed machine is one ``python -m uvicorn <app>`` process on a loopback port, with the
-environment a Fly Machine has (``FLY_MACHINE_ID``, ``FLY_ALLOC_ID``, ``FLY_APP_NAME``,
-``FLY_REGION``) plus the fleet's shared ``AFFINITY_SECRET`` and ``AFFINITY_PEERS``. Machines keep
-their id and port across stop/start, as Fly Machines do.
+Each managed machine is one process running the image's own command (``command.py``: the
+Dockerfile's ``CMD`` with its ports and app replaced) on a port of its own, with the environment a
+Fly Machine has (``FLY_MACHINE_ID``, ``FLY_ALLOC_ID``, ``FLY_APP_NAME``, ``FLY_REGION``) plus the
+fleet's shared ``AFFINITY_SECRET`` and ``AFFINITY_PEERS``. The edge reaches a machine over IPv4
+(``Machine.url``), as Fly's proxy does; ``AFFINITY_PEERS`` names its peers over IPv6
+(``Machine.peer_url``), as on Fly's private network. Machines keep their id and ports across
+stop/start, as Fly Machines do.
 
 The lifecycle, as Fly Machines have it:
 
-- ``stop``: SIGTERM, SIGKILL after ``stop_timeout``; the process ends, its memory (and every
-  in-memory MCP session) is gone;
+- ``stop``: SIGTERM, SIGKILL after ``stop_timeout`` (fly.toml's ``kill_timeout``); the process
+  ends, its memory (and every in-memory MCP session) is gone;
 - ``suspend``: SIGSTOP to the process group; the memory is kept, connections to it hang;
 - ``start``: a stopped machine boots fresh (same id and port, empty memory); a suspended one is
   resumed with SIGCONT and continues where it was;
@@ -24,19 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fly_replay_router.edge import process as proc
+from fly_replay_router.edge.command import MachineCommand
 from fly_replay_router.edge.machine import Machine, MachineControlError, MachineState, new_machine_id
-from fly_replay_router.edge.process import signal_group, spawn, wait_healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,19 +51,15 @@ class FleetSpec:
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     log_dir: Path | None = None
     start_timeout: float = 30.0
+    # Fly's kill_timeout: SIGTERM, then SIGKILL after this many seconds (Fly's default is 5).
     stop_timeout: float = 5.0
+    # What each machine runs: the Dockerfile's CMD, or the launcher when there is none.
+    command: MachineCommand = field(default_factory=MachineCommand)
     # fly.toml's [env], set in every machine under the FLY_* variables.
     env: tuple[tuple[str, str], ...] = ()
     # A started machine is healthy once GET of this path answers 2xx; None: once its port accepts
     # a TCP connection (an app without [[http_service.checks]]).
     health_path: str | None = None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 StateListener = Callable[[Machine, MachineState], None]
@@ -106,7 +103,9 @@ class Fleet:
             machine_id = new_machine_id()
             while machine_id in self.machines:
                 machine_id = new_machine_id()
-            machine = Machine(id=machine_id, url=f"http://127.0.0.1:{free_port()}", managed=True)
+            machine = Machine(id=machine_id, url=f"http://127.0.0.1:{proc.free_port()}", managed=True)
+            if self.spec.command.serves_metrics:
+                machine.metrics_url = f"http://127.0.0.1:{proc.free_port()}"
             self.machines[machine_id] = machine
             planned.append(machine)
         return planned
@@ -141,22 +140,6 @@ class Fleet:
             machine.process = None
             self._set_state(machine, "stopped")
 
-    def _watch_exit(self, machine: Machine, process: subprocess.Popen[bytes]) -> None:
-        """Mark ``machine`` stopped as soon as ``process`` exits on its own (a pidfd becomes readable)."""
-        try:
-            pidfd = os.pidfd_open(process.pid)
-        except (AttributeError, OSError):
-            return  # no pidfd here: the watch loop notices instead
-        loop = asyncio.get_running_loop()
-
-        def exited() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            if machine.process is process:
-                self._notice_exit(machine)
-
-        loop.add_reader(pidfd, exited)
-
     async def start_all(self) -> None:
         """Start every stopped managed machine concurrently; raise the first failure after all tried."""
         machines = [m for m in self.machines.values() if m.managed and m.state == "stopped"]
@@ -177,7 +160,7 @@ class Fleet:
                 return machine
             if machine.state == "suspended":
                 if machine.process is not None:
-                    signal_group(machine.process, signal.SIGCONT)
+                    proc.signal_group(machine.process, signal.SIGCONT)
                 self._set_state(machine, "started")
                 return machine
             if not machine.managed:
@@ -196,7 +179,7 @@ class Fleet:
             if machine.state != "started":
                 raise MachineControlError(f"machine {machine_id} is {machine.state}; only a started machine suspends")
             if machine.process is not None:
-                signal_group(machine.process, signal.SIGSTOP)
+                proc.signal_group(machine.process, signal.SIGSTOP)
             self._set_state(machine, "suspended")
         return machine
 
@@ -209,12 +192,12 @@ class Fleet:
                 self._set_state(machine, "stopped")
                 return machine
             self._set_state(machine, "stopping")
-            signal_group(process, signal.SIGTERM)
-            signal_group(process, signal.SIGCONT)  # a suspended process must run to see its SIGTERM
+            proc.signal_group(process, signal.SIGTERM)
+            proc.signal_group(process, signal.SIGCONT)  # a suspended process must run to see its SIGTERM
             try:
                 await asyncio.to_thread(process.wait, self.spec.stop_timeout)
             except subprocess.TimeoutExpired:
-                signal_group(process, signal.SIGKILL)
+                proc.signal_group(process, signal.SIGKILL)
                 await asyncio.to_thread(process.wait)
             self._mark_exited(machine)
         return machine
@@ -225,7 +208,7 @@ class Fleet:
         if not machine.managed:
             raise MachineControlError(f"machine {machine_id} was started elsewhere; the edge cannot kill it")
         if machine.process is not None:
-            signal_group(machine.process, signal.SIGKILL)
+            proc.signal_group(machine.process, signal.SIGKILL)
             await asyncio.to_thread(machine.process.wait)
         self._mark_exited(machine)
         return machine
@@ -241,7 +224,7 @@ class Fleet:
         """Kill every process this fleet started and reap it. Safe to call twice and from ``finally``."""
         for machine in self.machines.values():
             if machine.process is not None:
-                signal_group(machine.process, signal.SIGKILL)  # SIGKILL ends a SIGSTOPped process too
+                proc.signal_group(machine.process, signal.SIGKILL)  # SIGKILL ends a SIGSTOPped process too
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     machine.process.wait(timeout=10)
                 self._mark_exited(machine)
@@ -273,44 +256,37 @@ class Fleet:
         for listener in self.listeners:
             listener(machine, state)
 
-    def _environment(self, machine: Machine) -> dict[str, str]:
-        peers = ",".join(f"{m.id}={m.url}" for m in self.machines.values())
-        # The shell's environment wins over fly.toml's [env], as `fly secrets` do on Fly: so
-        # `AFFINITY_FAILOVER=cached python -m fly_replay_router.edge` means what it says.
-        env = {**dict(self.spec.env), **os.environ}
-        env.update(
-            FLY_MACHINE_ID=machine.id,
-            FLY_ALLOC_ID=machine.id,
-            FLY_APP_NAME=self.spec.app_name,
-            FLY_REGION=self.spec.region,
-            PRIMARY_REGION=self.spec.region,
-            AFFINITY_SECRET=self.spec.secret,
-            AFFINITY_PEERS=peers,
-            PYTHONUNBUFFERED="1",
-        )
-        return env
-
     async def _spawn_and_wait(self, machine: Machine) -> None:
         if self._log_dir is None:
             self._log_dir = Path(tempfile.mkdtemp(prefix="fly-edge-logs-"))
         machine.log_path = self._log_dir / f"{machine.id}.log"
-        command = [sys.executable, "-m", "uvicorn", self.spec.app, "--host", "127.0.0.1", "--port", str(machine.port)]
-        command += ["--no-access-log", "--timeout-graceful-shutdown", "2"]
-        if self.spec.app_dir is not None:
-            command += ["--app-dir", self.spec.app_dir]
+        metrics_port = None if machine.metrics_url is None else int(machine.metrics_url.rsplit(":", 1)[1])
+        command = self.spec.command.argv(
+            app=self.spec.app, app_dir=self.spec.app_dir, port=machine.port, metrics_port=metrics_port
+        )
         self._set_state(machine, "starting")
         machine.exit_code = None
-        machine.process = process = spawn(machine, command, self._environment(machine), machine.log_path)
+        spec = self.spec
+        peers = ",".join(f"{m.id}={m.peer_url}" for m in self.machines.values())
+        fleet_env = {"FLY_APP_NAME": spec.app_name, "FLY_REGION": spec.region, "PRIMARY_REGION": spec.region}
+        fleet_env.update(AFFINITY_SECRET=spec.secret, AFFINITY_PEERS=peers)
+        env = proc.machine_environment(machine, spec.env, fleet_env)
+        machine.process = process = proc.spawn(machine, command, env, machine.log_path)
         try:
-            await wait_healthy(machine, process, self.spec.start_timeout, self.spec.health_path)
+            await proc.wait_healthy(machine, process, self.spec.start_timeout, self.spec.health_path)
         except BaseException:
             if process.poll() is None:
-                signal_group(process, signal.SIGKILL)
+                proc.signal_group(process, signal.SIGKILL)
                 await asyncio.to_thread(process.wait)
             self._mark_exited(machine)
             raise
         self._set_state(machine, "started")
-        self._watch_exit(machine, process)
+
+        def exited() -> None:
+            if machine.process is process:
+                self._notice_exit(machine)
+
+        proc.watch_exit(process, exited)  # else the watch loop notices
 
     def _mark_exited(self, machine: Machine) -> None:
         if machine.process is not None:

@@ -61,6 +61,9 @@ async def _run(plan: LaunchPlan, sock: socket.socket) -> int:
         log_dir=plan.log_dir,
         env=plan.fly_toml.env,
         health_path=plan.health_path,
+        command=plan.command,
+        # Fly sends kill_signal, then SIGKILL after kill_timeout: the image's graceful timeout fits inside it.
+        stop_timeout=plan.fly_toml.kill_timeout,
     )
     fleet = Fleet(spec)
     stop = asyncio.Event()
@@ -82,6 +85,8 @@ async def _run(plan: LaunchPlan, sock: socket.socket) -> int:
             edge_port=port,
             control_names=edge_names(plan.host),
             autostop_interval=plan.autostop_interval,
+            max_head_bytes=plan.max_head_bytes,
+            head_timeout=plan.head_timeout,
         )
         server = edge_server(EdgeProxy(fleet, config))
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -146,11 +151,12 @@ def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str
     """What the run prints once the edge serves: the machines, the addresses, the rules in force."""
     edge_url = f"http://{_url_host(plan.host)}:{port}"
     rows = [f"Local Fly fleet: app {config.app_name}, region {config.region}, balancing {config.balance}", ""]
-    rows.append(f"  {'MACHINE':<16} {'ADDRESS':<24} {'STATE':<8} {'PID':>7}  LOG")
+    rows.append(f"  {'MACHINE':<16} {'ADDRESS':<24} {'METRICS':<24} {'STATE':<8} {'PID':>7}  LOG")
     for machine in fleet.machines.values():
         pid = str(machine.process.pid) if machine.process is not None else "-"
         log = str(machine.log_path) if machine.log_path is not None else "(started elsewhere)"
-        rows.append(f"  {machine.id:<16} {machine.url:<24} {machine.state:<8} {pid:>7}  {log}")
+        metrics = machine.metrics_url or "-"
+        rows.append(f"  {machine.id:<16} {machine.url:<24} {metrics:<24} {machine.state:<8} {pid:>7}  {log}")
     toml = plan.fly_toml
     rules = ", ".join(f"{r.type} {r.name} under {r.path_prefix} ({r.ttl_seconds}s)" for r in toml.replay_cache)
     if plan.mcp_path is None:
@@ -169,12 +175,28 @@ def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str
         f"page:     {edge_url}/_edge/   (live view of machines, sessions and replays)",
         f"status:   {edge_url}/_edge/status",
         f"control:  python -m fly_replay_router.edge machine stop|start|suspend|resume|kill <id> --edge {edge_url}",
+        *_command_lines(fleet, plan),
         f"fly.toml: {plan.fly_toml_source}; idle_timeout {toml.idle_timeout:g}s; replay cache: {rules or 'none'}",
-        f"health:   a machine is up once {health} ({plan.health_source})",
+        f"health:   a machine is up once {health} ({plan.health_source}), on 127.0.0.1 and on [::1]",
         f"autostop: {_autostop_line(config)}",
         f"stop:     Ctrl-C (or kill -TERM {os.getpid()}) stops the edge and every machine it started",
     ]
     return "\n".join(rows)
+
+
+def _command_lines(fleet: Fleet, plan: LaunchPlan) -> list[str]:
+    managed = [machine for machine in fleet.machines.values() if machine.managed]
+    if not managed:
+        return []
+    first = managed[0]
+    metrics = None if first.metrics_url is None else int(first.metrics_url.rsplit(":", 1)[1])
+    argv = plan.command.argv(app=plan.app, app_dir=plan.app_dir, port=first.port, metrics_port=metrics)
+    return [
+        f"command:  {plan.command.source}",
+        f"          e.g. {' '.join(argv)}",
+        f"network:  the edge reaches machines on 127.0.0.1 (IPv4, as Fly's proxy); peers on [::1] (IPv6, as 6PN); "
+        f"stop waits kill_timeout {plan.fly_toml.kill_timeout:g}s before SIGKILL",
+    ]
 
 
 def _autostop_line(config: EdgeConfig) -> str:

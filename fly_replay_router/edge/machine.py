@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 MachineState = Literal["starting", "started", "stopping", "stopped", "suspended"]
+# A machine's load against fly.toml's [http_service.concurrency], in requests in flight (an open event
+# stream counts as one, as on Fly): "near_soft_limit" from this share of the soft limit on.
+NEAR_LIMIT = 0.8
 # What a user can ask of a machine (the control surface and its command-line verbs).
 MACHINE_VERBS = ("stop", "start", "suspend", "resume", "kill")
 
@@ -25,6 +28,19 @@ MACHINE_VERBS = ("stop", "start", "suspend", "resume", "kill")
 def new_machine_id() -> str:
     """A random 14-lowercase-hex id, the shape of a Fly Machine id."""
     return secrets.token_hex(7)
+
+
+def load_level(in_flight: int, soft_limit: int, hard_limit: int | None) -> str:
+    """``ok``, ``near_soft_limit``, ``above_soft_limit`` (Fly's proxy prefers other machines) or
+    ``at_hard_limit`` (it sends this machine nothing new), as "Load balancing" describes the limits
+    (https://fly.io/docs/reference/load-balancing/)."""
+    if hard_limit is not None and in_flight >= hard_limit:
+        return "at_hard_limit"
+    if in_flight >= soft_limit:
+        return "above_soft_limit"
+    if in_flight >= NEAR_LIMIT * soft_limit:
+        return "near_soft_limit"
+    return "ok"
 
 
 class MachineStartError(RuntimeError):
@@ -59,6 +75,8 @@ class Machine:
     last_active: float = field(default_factory=time.monotonic)
     exit_code: int | None = None
     log_path: Path | None = None
+    # The machine's private metrics port (the image's --metrics-port), when it serves one.
+    metrics_url: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -67,17 +85,23 @@ class Machine:
         return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
 
     @property
+    def peer_url(self) -> str:
+        """How its peers reach it: over IPv6 for a managed machine, as on Fly's private network (6PN)."""
+        return f"http://[::1]:{self.port}" if self.managed else self.url
+
+    @property
     def shown_state(self) -> str:
         """The state a user sees: ``state``, or ``unreachable`` for a started machine refusing connections."""
         if self.state == "started" and self.unreachable:
             return "unreachable"
         return self.state
 
-    def to_json(self) -> dict[str, object]:
-        """The machine's entry in ``GET /_edge/status``."""
-        return {
+    def to_json(self, limits: tuple[int, int | None] | None = None) -> dict[str, object]:
+        """The machine's entry in ``GET /_edge/status``; with ``limits`` (soft, hard), its ``load`` too."""
+        entry: dict[str, object] = {
             "id": self.id,
             "url": self.url,
+            "peer_url": self.peer_url,
             "state": self.shown_state,
             "requests": self.requests,
             "in_flight": self.in_flight,
@@ -86,4 +110,9 @@ class Machine:
             "pid": self.process.pid if self.process is not None and self.process.poll() is None else None,
             "exit_code": self.exit_code,
             "log": str(self.log_path) if self.log_path is not None else None,
+            "metrics_url": self.metrics_url,
         }
+        if limits is not None:
+            soft, hard = limits
+            entry.update(load=load_level(self.in_flight, soft, hard), soft_limit=soft, hard_limit=hard)
+        return entry

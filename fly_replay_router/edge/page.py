@@ -62,7 +62,12 @@ async def stream_feed(ctx: EdgeContext, receive: Receive, send: Send, *, interva
     try:
         while not gone.is_set() and not ctx.closing:
             document = ctx.status.to_json(
-                ctx.fleet, app_name=config.app_name, region=config.region, routes_after=seen, max_routes=FEED_ROUTES
+                ctx.fleet,
+                app_name=config.app_name,
+                region=config.region,
+                routes_after=seen,
+                max_routes=FEED_ROUTES,
+                limits=(config.fly_toml.soft_limit, config.fly_toml.hard_limit),
             )
             document["config"] = {
                 "auto_stop": config.fly_toml.auto_stop,

@@ -29,7 +29,7 @@ from fly_replay_router.edge.relay import relay
 from fly_replay_router.edge.respond import TEXT, respond
 from fly_replay_router.edge.routing import Router
 from fly_replay_router.edge.status import EdgeStatus
-from fly_replay_router.edge.upstream import ClientGone, RequestBody
+from fly_replay_router.edge.upstream import ClientGone, ClientStalled, RequestBody
 from fly_replay_router.protocol import is_event_stream
 
 logger = logging.getLogger("fly_replay_router.edge")
@@ -119,10 +119,17 @@ class EdgeProxy:
         ctx = self.ctx
         ctx.status.requests += 1
         request = read_client_request(scope, region=ctx.config.region, edge_port=ctx.config.edge_port)
-        body = RequestBody(receive, request.content_length, ctx.config.max_body)
+        body = RequestBody(receive, request.content_length, ctx.config.max_body, ctx.config.fly_toml.idle_timeout)
         try:
             await body.read_if_replayable()
         except ClientGone:
+            return
+        except ClientStalled:
+            detail = f"no request body data for {ctx.config.fly_toml.idle_timeout:g}s (idle_timeout)"
+            ctx.status.error("client_idle_timeout", detail)
+            request_id = (b"fly-request-id", request.request_id.encode())
+            headers = [request_id, (b"connection", b"close")]
+            await respond(send, 408, f"client_idle_timeout: {detail}\n".encode(), content_type=TEXT, headers=headers)
             return
         router = Router(ctx, request, body)
         try:

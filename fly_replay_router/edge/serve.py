@@ -1,7 +1,8 @@
 """Running the edge under uvicorn, the way both the CLI and the tests do it.
 
 uvloop + httptools (measured here at about 4x the requests per second of uvicorn's pure-Python
-defaults); no ``server``/``date`` headers of the edge's own, since the machine's pass through;
+defaults), behind the front door's limits on a request's head (``door.py``); no ``server``/``date``
+headers of the edge's own, since the machine's pass through;
 no signal handling, since the CLI owns SIGINT/SIGTERM to stop its fleet too.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Generator
 
 import uvicorn
 
+from fly_replay_router.edge.door import DoorLimits, door_protocol
 from fly_replay_router.edge.proxy import EdgeProxy
 
 
@@ -35,9 +37,11 @@ class EdgeServer(uvicorn.Server):
 
 def edge_server(edge: EdgeProxy, *, log_level: str = "warning") -> EdgeServer:
     """A server for ``edge``; start it with ``await server.serve(sockets=[listening_socket])``."""
+    limits = DoorLimits(edge.config.max_head_bytes, edge.config.max_header_count, edge.config.head_timeout)
     config = uvicorn.Config(
         edge,
-        http="httptools",
+        # httptools, with the front door's head size limit and head deadline (door.py).
+        http=door_protocol(limits, edge.status.error),
         lifespan="on",
         log_level=log_level,
         access_log=False,

@@ -72,18 +72,26 @@ class EdgeStatus:
         self.routes.append((self.route_seq, time.time(), method, path, hops, status, cache_hit, error))
 
     def to_json(
-        self, fleet: Fleet, *, app_name: str, region: str, routes_after: int | None = None, max_routes: int = 20
+        self,
+        fleet: Fleet,
+        *,
+        app_name: str,
+        region: str,
+        routes_after: int | None = None,
+        max_routes: int = 20,
+        limits: tuple[int, int | None] | None = None,
     ) -> dict[str, object]:
         """The document ``GET /_edge/status`` returns, and each update of the live page.
 
         ``routes`` holds at most ``max_routes`` of the newest routing events, only those after
         ``routes_after`` when given; ``routes_skipped`` says how many newer-than-that were left out.
+        ``limits`` (fly.toml's soft and hard concurrency limits) add each machine's ``load``.
         Reading only: machine state changes through the fleet's own loop and control requests.
         """
         rates = self._rates(fleet)
         machines = []
         for machine in fleet.machines.values():
-            entry = machine.to_json()
+            entry = machine.to_json(limits)
             entry["sessions"] = self.sessions.count(machine.id)
             entry["requests_per_second"] = rates.get(machine.id, 0.0)
             machines.append(entry)

@@ -245,3 +245,40 @@ async def profile_edge(seconds: float, clients: int = 8) -> list[str]:
 
 def median_difference(subject: list[float], baseline: list[float]) -> float:
     return statistics.median(subject) - statistics.median(baseline)
+
+
+def replay_cache_us(entries: int, requests: int = 20_000) -> dict[str, float]:
+    """µs of replay-cache work per request with ``entries`` sessions cached: one lookup that hits, one remember.
+
+    Every request a fly.toml session rule covers looks itself up; a replay remembers its target.
+    Half the requests look up a session that is cached, half one that is not (then remembered), so
+    the cache stays at ``entries`` plus the new ones, and expired entries are swept as they go.
+    """
+    from fly_replay_router.edge.cache import CacheKey, ReplayCache
+    from fly_replay_router.edge.config import SessionCacheRule
+
+    now = [0.0]
+    cache = ReplayCache((SessionCacheRule("/", 300, "header", "Mcp-Session-Id"),), clock=lambda: now[0])
+    cached = [f"{index:032x}" for index in range(entries)]
+    for value in cached:
+        cache.remember_session(CacheKey("session", "/", value), BACKEND_ID)
+    fresh = [f"new{index:029x}" for index in range(requests)]
+    started = time.perf_counter()
+    for index in range(requests):
+        now[0] += 0.0001
+        if index % 2:
+            lookup = cache.lookup("/mcp", {"mcp-session-id": cached[index % entries]})
+            assert lookup.target == BACKEND_ID
+        else:
+            lookup = cache.lookup("/mcp", {"mcp-session-id": fresh[index]})
+            assert lookup.target is None
+            assert lookup.session_key is not None
+            cache.remember_session(lookup.session_key, BACKEND_ID)
+    elapsed = time.perf_counter() - started
+    return {"us_per_request": elapsed / requests * 1e6, "entries": float(len(cache))}
+
+
+if __name__ == "__main__":
+    for size in (10_000, 100_000):
+        figures = replay_cache_us(size, requests=2_000 if size > 10_000 else 10_000)
+        print(f"replay cache, {size:>7,} entries: {figures['us_per_request']:8.2f} µs per request")

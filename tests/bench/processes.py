@@ -129,7 +129,8 @@ def start_edge(*, machines: int, cached: bool = False, backends: dict[str, str] 
     env = {**os.environ, "AFFINITY_SECRET": SECRET, "AFFINITY_FAILOVER": "cached" if cached else "safe"}
     env["AFFINITY_NEW_SESSION_RATE"] = "off"  # one benchmark process stands in for many clients
     command = [sys.executable, "-m", "fly_replay_router.edge", "--machines", str(machines), "--port", str(port)]
-    command += ["--fly-toml", str(fly_toml), "--log-level", "warning"]
+    # Machines run the image's own command, as on Fly (the temporary fly.toml has no Dockerfile beside it).
+    command += ["--fly-toml", str(fly_toml), "--dockerfile", str(ROOT / "Dockerfile"), "--log-level", "warning"]
     for machine_id, url in (backends or {}).items():
         command += ["--backend", f"{machine_id}={url}"]
     proc = _spawn(f"edge-{'cached' if cached else 'uncached'}", command, env, f"http://127.0.0.1:{port}")

@@ -64,6 +64,35 @@ def test_path_rules_and_invalidation() -> None:
     assert cache.lookup("/other", {}).target is None
 
 
+def test_expired_entries_leave_the_cache_without_being_looked_up() -> None:
+    """An edge that sees many short sessions holds the live ones, not every session it ever cached."""
+    clock = Clock()
+    cache = ReplayCache((SESSION_RULE,), clock=clock)
+    for index in range(5000):
+        cache.remember_session(cache.lookup("/mcp", {"mcp-session-id": f"old-{index}"}).session_key, "a" * 14)  # type: ignore[arg-type]
+    clock.now += 301  # every old entry expired; none is ever asked for again
+    for index in range(5000):
+        clock.now += 0.001
+        cache.remember_session(cache.lookup("/mcp", {"mcp-session-id": f"new-{index}"}).session_key, "b" * 14)  # type: ignore[arg-type]
+    assert len(cache) == 5000
+    assert len(cache._entries) == 5000  # held in memory: the old ones were swept as new ones came
+    assert cache.lookup("/mcp", {"mcp-session-id": "new-4999"}).target == "b" * 14
+
+
+def test_path_entries_of_many_lengths_expire_and_the_longest_live_prefix_wins() -> None:
+    clock = Clock()
+    cache = ReplayCache(clock=clock)
+    cache.remember_path("/a/*", 100, "11111111111111")
+    cache.remember_path("/a/b/*", 10, "22222222222222")
+    cache.remember_path("/a/b/c/*", 100, "33333333333333")
+    assert cache.lookup("/a/b/c/d", {}).target == "33333333333333"
+    assert cache.lookup("/a/b/x", {}).target == "22222222222222"
+    clock.now += 11  # /a/b/ expired: /a/b/x falls back to /a/
+    assert cache.lookup("/a/b/x", {}).target == "11111111111111"
+    assert cache.lookup("/a", {}).target is None  # shorter than every prefix
+    assert len(cache) == 2
+
+
 @pytest.mark.anyio
 async def test_session_cache_through_the_edge(make_probes, make_edge) -> None:
     a, b = make_probes(2)

@@ -30,7 +30,8 @@ def test_help_explains_every_option() -> None:
     assert result.returncode == 0
     options = ("--machines", "--app", "--backend", "--port", "--host", "--balance", "--fly-toml", "--app-name")
     more = ("--autostop-interval", "--health-path", "--mcp-path", "--log-dir", "--app-dir", "--region", "--log-level")
-    for option in (*options, *more):
+    door = ("--dockerfile", "--max-header-bytes", "--header-timeout")
+    for option in (*options, *more, *door):
         assert option in result.stdout
     # The console script is the same command.
     script = Path(sys.executable).with_name("fly-replay-edge")
@@ -68,7 +69,9 @@ def test_machines_get_the_fly_environment(fleet: FleetProcess) -> None:
         assert env["AFFINITY_FROM_FLY_TOML"] == "yes"  # fly.toml's [env]
         assert env["AFFINITY_SET_BY_BOTH"] == "shell"  # the shell wins, as fly secrets do over [env]
         peers = dict(peer.split("=", 1) for peer in env["AFFINITY_PEERS"].split(","))
-        assert peers == {m["id"]: m["url"] for m in machines}
+        # Peers over IPv6, as on Fly's private network; the edge over IPv4, as Fly's proxy.
+        assert peers == {m["id"]: m["url"].replace("127.0.0.1", "[::1]") for m in machines}
+        assert all(m["peer_url"] == peers[m["id"]] and m["url"].startswith("http://127.0.0.1:") for m in machines)
 
 
 def test_kill_stop_start_and_autostart(fleet: FleetProcess) -> None:

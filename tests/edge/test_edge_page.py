@@ -7,6 +7,7 @@ continues. ``EDGE_PAGE_SCREENSHOT=path`` keeps a screenshot of the page (the REA
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -159,3 +160,22 @@ def test_stopping_the_edge_ends_an_open_page_feed(tmp_path: Path) -> None:
             pass
     assert not wait_gone(process.machine_pids)
     assert stopping < 1.5, f"the edge took {stopping:.1f}s to stop with a page open"
+
+
+async def test_the_page_shows_a_machine_near_its_soft_limit(
+    make_probes, make_edge, chromium: Path, tmp_path: Path
+) -> None:
+    (probe,) = make_probes(1)
+    edge = make_edge([probe], soft_limit=5, hard_limit=10)
+    forced = {"fly-force-instance-id": probe.id}
+    async with browser_page(chromium, tmp_path / "profile") as page:
+        await page.goto(f"{edge.url}/_edge/")
+        load = page.locator(f'tr[data-machine="{probe.id}"] .load')
+        await expect(load).to_have_text("")
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client, anyio.create_task_group() as group:
+            for _ in range(4):  # 4 of a soft limit of 5 in flight
+                group.start_soon(functools.partial(client.get, "/slow?seconds=4", headers=forced))
+            await expect(load).to_have_text("near soft limit")
+            title = await load.get_attribute("title")
+        await expect(load).to_have_text("")
+    assert title == "soft limit 5, hard limit 10 (fly.toml)"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 
@@ -47,3 +50,34 @@ async def test_stop_and_start_an_external_backend(make_probes, make_edge) -> Non
         assert (await client.post(f"/_edge/machines/{a.id}/start")).json()["state"] == "started"
         killed = await client.post(f"/_edge/machines/{a.id}/kill")
     assert killed.status_code == 409  # the edge did not start it, so it cannot kill it
+
+
+async def test_status_and_page_feed_show_a_machine_nearing_its_concurrency_limits(make_probes, make_edge) -> None:
+    (a,) = make_probes(1)
+    edge = make_edge([a], soft_limit=5, hard_limit=10)
+    forced = {"fly-force-instance-id": a.id}
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
+
+        async def load_with(in_flight: int) -> dict:
+            """The machine's status entry while ``in_flight`` slow requests are open on it."""
+            held = [asyncio.ensure_future(client.get("/slow?seconds=1.5", headers=forced)) for _ in range(in_flight)]
+            try:
+                for _ in range(200):
+                    (entry,) = (await client.get("/_edge/status")).json()["machines"]
+                    if entry["in_flight"] == in_flight:
+                        return entry
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"never saw {in_flight} requests in flight: {entry}")
+            finally:
+                await asyncio.gather(*held)
+
+        idle = (await client.get("/_edge/status")).json()["machines"][0]
+        assert (idle["load"], idle["soft_limit"], idle["hard_limit"]) == ("ok", 5, 10)
+        assert (await load_with(4))["load"] == "near_soft_limit"  # 80 % of the soft limit
+        assert (await load_with(6))["load"] == "above_soft_limit"
+        assert (await load_with(10))["load"] == "at_hard_limit"
+        async with client.stream("GET", "/_edge/events") as feed:
+            async for line in feed.aiter_lines():
+                if line.startswith("data: "):
+                    assert json.loads(line[6:])["machines"][0]["load"] == "ok"
+                    break

@@ -35,7 +35,7 @@ function machineRow(machine) {
   row.dataset.machine = machine.id;
   row.innerHTML =
     '<td class="id"></td><td><span class="state"></span></td><td class="num sessions"></td>' +
-    '<td class="num rps"></td><td class="num in-flight"></td><td class="num requests"></td>' +
+    '<td class="num rps"></td><td class="num"><span class="in-flight"></span> <span class="load"></span></td><td class="num requests"></td>' +
     '<td class="num replays"></td><td class="pid mono"></td><td class="actions"></td>';
   row.querySelector(".id").textContent = machine.id;
   const actions = row.querySelector(".actions");
@@ -73,6 +73,11 @@ function showMachine(machine) {
   if (machine.sessions !== undefined) text(row.querySelector(".sessions"), machine.sessions);
   if (machine.requests_per_second !== undefined) text(row.querySelector(".rps"), machine.requests_per_second.toFixed(1));
   text(row.querySelector(".in-flight"), machine.in_flight);
+  const load = row.querySelector(".load");
+  const level = machine.load || "ok";
+  text(load, level === "ok" ? "" : level.replaceAll("_", " "));
+  load.className = `load ${level}`;
+  load.title = `soft limit ${machine.soft_limit ?? "?"}, hard limit ${machine.hard_limit ?? "none"} (fly.toml)`;
   text(row.querySelector(".requests"), machine.requests);
   text(row.querySelector(".replays"), machine.replays_answered);
   text(row.querySelector(".pid"), machine.pid ?? "—");
