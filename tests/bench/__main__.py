@@ -50,6 +50,9 @@ ABBA order, median of the per-round or per-pair ratios; see ``layer.py`` and ``e
 - ``sse_first_event_delay_ms``: median time to the first SSE event of ``GET /sse`` through the edge
   minus the same straight to the machine (a new connection for each stream, both ways).
 - ``edge_rss_mb_1000_streams``: the edge process's RSS with 1,000 SSE streams open through it.
+- ``replay_cache_us_*``: the edge's replay-cache work per request (one lookup, half of them
+  remembered) with 10,000 and 100,000 sessions cached (``edge.replay_cache_us``); it must not grow
+  with the number of entries.
 - ``session_cost_kb_*``: RSS per open session of one demo machine, by kind (``sessions.py``): an
   abandoned handshake-era session, one holding its ``GET`` event stream, a legacy ``/sse`` stream.
 
@@ -121,6 +124,8 @@ TARGETS = {
     "session_cost_kb_handshake": Target("", None, " KB"),
     "session_cost_kb_handshake_stream": Target("", None, " KB"),
     "session_cost_kb_legacy_sse": Target("", None, " KB"),
+    "replay_cache_us_10k": Target("<=", 20, " µs"),
+    "replay_cache_us_100k": Target("<=", 20, " µs"),
     # The scale run (--scale only): 10,000 sessions over 8 machines through the edge.
     "scale_misrouted_calls": Target("<=", 0, ""),
     "scale_errors": Target("<=", 0, ""),
@@ -141,6 +146,7 @@ GROUPS = {
     "replays": ("replays_per_session_cached", "replays_per_session_uncached"),
     "edge_direct": ("edge_vs_direct_throughput", "sse_first_event_delay_ms"),
     "edge_rss": ("edge_rss_mb_1000_streams",),
+    "replay_cache": ("replay_cache_us_10k", "replay_cache_us_100k"),
     "sessions": tuple(f"session_cost_kb_{kind}" for kind in sessions.KINDS),
     "scale": ("scale_misrouted_calls", "scale_errors", "scale_kb_per_session", "scale_max_machine_rss_mb"),
 }
@@ -256,6 +262,12 @@ async def run_benchmarks(groups: set[str], quick: bool, report: Report) -> None:
             cost = await sessions.session_cost_kb(kind, count)
             report.results[f"session_cost_kb_{kind}"] = cost["kb_per_session"]
             report.details[f"session_cost_{kind}"] = cost
+    if "replay_cache" in groups:
+        report.log("replay cache: µs per request with 10,000 and 100,000 sessions cached")
+        for label, entries in (("10k", 10_000), ("100k", 100_000)):
+            figures = edge.replay_cache_us(entries)
+            report.results[f"replay_cache_us_{label}"] = figures["us_per_request"]
+            report.details[f"replay_cache_{label}"] = figures
     if "scale" in groups:
         report.log("scale run: 10,000 sessions over 8 machines through the edge, 3 calls each")
         run = await scale.scale_run()
