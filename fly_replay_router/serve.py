@@ -123,6 +123,7 @@ def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]
         for port in ports:
             sockets += listening_sockets(port)
         sys.path.insert(0, options.app_dir)
+        show_layer_logs()
         app: ASGIApp = import_from_string(options.app)
         if options.metrics_port is not None:
             app = _with_private_metrics(app, options.metrics_port)
@@ -142,6 +143,22 @@ def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]
     server = FlyServer(config)
     server.options = options
     return server, sockets
+
+
+def show_layer_logs() -> None:
+    """Write the layer's decision lines (logger ``fly_replay_router``, info) to stderr beside uvicorn's.
+
+    A library configures no logging, and an app that configures none would lose them: the launcher
+    is the entry point, so it does (unless the logger already has a handler of the app's).
+    """
+    layer = logging.getLogger("fly_replay_router")
+    if layer.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    layer.addHandler(handler)
+    layer.setLevel(logging.INFO)
+    layer.propagate = False  # once, whatever the app does with the root logger
 
 
 def _with_private_metrics(app: ASGIApp, metrics_port: int) -> ASGIApp:

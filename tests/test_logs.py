@@ -32,10 +32,17 @@ def test_a_disallowed_host_on_the_legacy_stream_gets_421_and_one_line_not_a_trac
     assert len(re.findall(r"affinity outcome=rejected reason=host_not_allowed .* path=/sse", log)) == 3
 
 
-def test_a_forged_log_line_in_the_path_stays_inside_its_field(machine: Machine) -> None:
-    forged = "/mcp%0Aaffinity%20outcome=forwarded%20reason=-%20owner=evil"
-    response = httpx.post(f"{machine.url}{forged}", headers={"mcp-session-id": "forged"}, timeout=5)
-    assert response.status_code == 404
-    assert httpx.get(f"{machine.url}/healthz", timeout=5).status_code == 200
-    assert not [line for line in machine.log().splitlines() if line.startswith("affinity outcome=forwarded")]
-    assert 'path="/mcp\\naffinity outcome=forwarded reason=- owner=evil"' in machine.log()
+def test_a_forged_log_line_in_the_path_stays_inside_its_field() -> None:
+    # The demo's routes never match a path with a newline, so the layer would not see it there: this
+    # machine has the layer around every path, as a user who wraps a whole app has.
+    machine = start_machine("cccccccccccccc", app="tests.layer_around_everything:app")
+    try:
+        forged = "/mcp%0Aaffinity%20outcome=forwarded%20reason=-%20owner=evil"
+        response = httpx.post(f"{machine.url}{forged}", headers={"mcp-session-id": "forged"}, timeout=5)
+        assert response.status_code == 404
+        assert httpx.get(f"{machine.url}/healthz", timeout=5).status_code == 200
+        log = machine.log()
+    finally:
+        machine.stop()
+    assert not [line for line in log.splitlines() if line.startswith("affinity outcome=forwarded")]
+    assert 'path="/mcp\\naffinity outcome=forwarded reason=- owner=evil"' in log

@@ -94,7 +94,7 @@ def test_env_table_is_read(tmp_path: Path) -> None:
 def test_reads_the_projects_autostop_and_concurrency_settings() -> None:
     fly_toml = FlyToml.load(Path(__file__).resolve().parents[2] / "fly.toml", required=True)
     assert (fly_toml.auto_stop, fly_toml.auto_start, fly_toml.min_machines_running) == ("suspend", True, 1)
-    assert (fly_toml.soft_limit, fly_toml.hard_limit) == (200, 250)
+    assert (fly_toml.soft_limit, fly_toml.hard_limit) == (2500, 3000)
 
 
 def test_autostop_and_concurrency_default_to_flys(tmp_path: Path) -> None:
