@@ -40,6 +40,8 @@ class AffinitySettings:
       fleet sets them).
     - ``allowed_hosts``: extra ``Host`` values the MCP server accepts (``example.com``, or
       ``example.com:*`` for any port), besides loopback and ``<app_name>.fly.dev``; see ``fly_replay_router.hosts``.
+    - ``worker_socket_dir``: the directory where the worker processes of this machine open their hand-over
+      sockets (``""``: ``<temp dir>/fly-replay-router-<uid>/<machine_id>``); see ``fly_replay_router.affinity.workers``.
     """
 
     machine_id: str
@@ -52,6 +54,7 @@ class AffinitySettings:
     peer_url_template: str = DEFAULT_PEER_URL_TEMPLATE
     peer_urls: tuple[tuple[str, str], ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    worker_socket_dir: str = ""
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -80,6 +83,8 @@ class AffinitySettings:
                 raise ValueError(f"peer {machine_id}={url} must be a machine id and an http(s) URL")
         if isinstance(self.allowed_hosts, str) or any(not host or "/" in host for host in self.allowed_hosts):
             raise ValueError("allowed_hosts must be a tuple of host names such as example.com or example.com:*")
+        if self.worker_socket_dir and not self.worker_socket_dir.startswith("/"):
+            raise ValueError("worker_socket_dir must be an absolute path, or empty for the default")
 
     def replay_instruction(self, owner_machine_id: str) -> ReplayInstruction:
         """The ``fly-replay`` instruction that sends a request to its session's owner."""
@@ -131,6 +136,7 @@ class AffinitySettings:
             peer_url_template=env.get("AFFINITY_PEER_URL", "").strip() or DEFAULT_PEER_URL_TEMPLATE,
             peer_urls=tuple(_peer(item) for item in _comma_list(env.get("AFFINITY_PEERS", ""))),
             allowed_hosts=_comma_list(env.get("AFFINITY_ALLOWED_HOSTS", "")),
+            worker_socket_dir=env.get("AFFINITY_WORKER_SOCKET_DIR", "").strip(),
         )
 
 
