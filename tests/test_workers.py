@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fly_replay_router import AffinitySettings, wrap_mcp_app
 from fly_replay_router.affinity.decision import Reject, Serve
 from fly_replay_router.affinity.handover import hand_over
 from fly_replay_router.affinity.token import TokenCodec
@@ -221,3 +222,22 @@ async def test_a_worker_that_is_gone_means_404_at_once(socket_dir: Path) -> None
     finally:
         a.stop()
         b.stop()
+
+
+async def _lifespan_only(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+async def test_a_mounted_app_opens_its_worker_socket_from_the_parents_lifespan(tmp_path: Path) -> None:
+    """``FlyMCPApp.lifespan`` (passed to the parent app) opens this worker's socket and removes it at shutdown."""
+    directory = str(tmp_path / "sockets")
+    settings = AffinitySettings(
+        machine_id=MACHINE, secret_keys=(SECRET,), app_name=APP_NAME, worker_socket_dir=directory
+    )
+    wrapped = wrap_mcp_app(_lifespan_only, settings=settings)
+    socket_path = os.path.join(directory, f"{wrapped.middleware.workers.tag}.sock")
+    async with wrapped.lifespan():
+        assert os.path.exists(socket_path)  # noqa: ASYNC240
+    assert not os.path.exists(socket_path)  # noqa: ASYNC240
