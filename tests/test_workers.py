@@ -156,6 +156,22 @@ async def test_a_large_body_is_handed_over_whole(workers: tuple[Machine, Machine
     assert response.content == body
 
 
+async def test_an_answer_that_does_not_wait_for_the_body_reaches_the_client(
+    workers: tuple[Machine, Machine],
+) -> None:
+    """The owner answers before it has read the body (``/disconnects`` never reads it)."""
+    a, b = workers
+    async with httpx.AsyncClient(timeout=30) as client:
+        token = await open_session(client, b)
+        for _ in range(3):
+            response = await client.post(
+                f"{a.url}/disconnects", headers={"mcp-session-id": token}, content=b"x" * (3 * 1024 * 1024)
+            )
+            assert response.status_code == 200
+            assert response.headers["x-worker-pid"] == str(b.process.pid)
+            assert response.text == "0"
+
+
 async def test_a_forged_hand_over_mark_only_gets_the_client_a_404(workers: tuple[Machine, Machine]) -> None:
     a, b = workers
     async with httpx.AsyncClient(timeout=10) as client:

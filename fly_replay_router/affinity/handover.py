@@ -36,6 +36,8 @@ logger = logging.getLogger("fly_replay_router.affinity")
 HANDED_OVER = b"affinity-handed-over"
 # A frame larger than this is not something the layer sends: the connection is dropped.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# How long an owner that has answered waits for the sender to close the connection.
+LINGER_SECONDS = 5.0
 
 _FRAME = struct.Struct(">cI")
 _SCOPE, _BODY, _BODY_END, _DISCONNECT = b"S", b"b", b"e", b"D"
@@ -200,7 +202,7 @@ async def serve_connection(
             await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         if exchange is not None:
-            exchange.close()
+            await exchange.linger()
         writer.close()
 
 
@@ -261,7 +263,14 @@ class _OwnerSide:
         except (ConnectionError, OSError):
             self._gone.set()
 
-    def close(self) -> None:
+    async def linger(self) -> None:
+        """Wait for the sender to close first (briefly): an answer that ended before the request
+        body did would otherwise be lost to the sender, whose writes then fail (``EPIPE``)."""
         self._gone.set()
         if self._watcher is not None:
             self._watcher.cancel()
+        with contextlib.suppress(*_FRAME_ERRORS, TimeoutError, RuntimeError):
+            self._writer.write_eof()
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await self._reader.read(65536):
+                    pass  # the rest of a body nobody reads any more
