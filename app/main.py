@@ -12,6 +12,7 @@ decisions and do not show in its counters.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -56,6 +57,12 @@ def count(ctx: Context) -> int:
     if len(_counters) > MAX_COUNTED_SESSIONS:
         _counters.popitem(last=False)
     return value
+
+
+@mcp.tool()
+def worker() -> int:
+    """The process id of the worker process that served this call (a machine may run several)."""
+    return os.getpid()
 
 
 @mcp.tool()

@@ -51,8 +51,9 @@ class FlyMCPApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _parent: object = None) -> AsyncIterator[None]:
-        """Run the inner app's own lifespan (start-up on enter, shutdown on exit)."""
-        async with run_lifespan(self.inner):
+        """Run the inner app's own lifespan (start-up on enter, shutdown on exit), and this worker's
+        hand-over socket (several workers per machine) with it."""
+        async with run_lifespan(self.inner), self.middleware.workers.running():
             yield
 
 

@@ -61,6 +61,8 @@ class AffinitySettings:
     - ``session_idle_timeout``: seconds after which an idle session is gone (give the SDK the same).
     - ``new_session_rate`` / ``new_session_burst``: new sessions one client (``Fly-Client-IP``) may open
       per second after a burst; beyond it 429 with ``Retry-After`` (``None``: no limit).
+    - ``worker_socket_dir``: the directory where the worker processes of this machine open their hand-over
+      sockets (``""``: ``<temp dir>/fly-replay-router-<uid>/<machine_id>``); see ``fly_replay_router.affinity.workers``.
     """
 
     machine_id: str
@@ -82,6 +84,7 @@ class AffinitySettings:
     forward_read_timeout: float = 60.0
     forward_write_timeout: float = 30.0
     forward_connections_per_owner: int = 20
+    worker_socket_dir: str = ""
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -130,6 +133,8 @@ class AffinitySettings:
             raise ValueError("new_session_rate must be a positive number of sessions per second, or None for no limit")
         if self.new_session_burst < 1:
             raise ValueError("new_session_burst must be at least 1")
+        if self.worker_socket_dir and not self.worker_socket_dir.startswith("/"):
+            raise ValueError("worker_socket_dir must be an absolute path, or empty for the default")
 
     def replay_instruction(self, owner_machine_id: str) -> ReplayInstruction:
         """The ``fly-replay`` instruction that sends a request to its session's owner."""
@@ -208,6 +213,7 @@ class AffinitySettings:
             new_session_burst=int(burst) if burst else 100,
             forward_connections_per_owner=_count("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", connections or "20"),
             **forward_timeouts,
+            worker_socket_dir=env.get("AFFINITY_WORKER_SOCKET_DIR", "").strip(),
         )
 
 

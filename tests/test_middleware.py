@@ -91,11 +91,13 @@ async def test_a_minted_session_id_leaves_as_a_token_naming_this_machine() -> No
         {"type": "http.response.start", "status": 200, "headers": [(b"mcp-session-id", INNER.encode())]},
         {"type": "http.response.body", "body": b"{}"},
     )
-    sent, _ = await call(AffinityMiddleware(inner, settings=SETTINGS), http_scope())
+    layer = AffinityMiddleware(inner, settings=SETTINGS)
+    sent, _ = await call(layer, http_scope())
     token = header(sent[0], b"mcp-session-id")
     assert token is not None
     session = CODEC.verify(token.decode(), now=time.time())
-    assert (session.owner_machine_id, session.inner_session_id) == (HERE, INNER)
+    # The inner id names this worker process too (several workers per machine).
+    assert (session.owner_machine_id, session.inner_session_id) == (HERE, f"{layer.workers.tag}~{INNER}")
 
 
 @pytest.mark.parametrize(
@@ -230,12 +232,11 @@ async def test_a_response_naming_a_new_inner_session_gets_a_new_token() -> None:
         {"type": "http.response.start", "status": 200, "headers": [(b"mcp-session-id", b"another-inner-id")]},
         {"type": "http.response.body", "body": b""},
     )
-    sent, _ = await call(
-        AffinityMiddleware(inner, settings=SETTINGS), http_scope(headers=[(b"mcp-session-id", token_for(HERE))])
-    )
+    layer = AffinityMiddleware(inner, settings=SETTINGS)
+    sent, _ = await call(layer, http_scope(headers=[(b"mcp-session-id", token_for(HERE))]))
     new_token = header(sent[0], b"mcp-session-id")
     assert new_token is not None
-    assert CODEC.verify(new_token.decode(), now=time.time()).inner_session_id == "another-inner-id"
+    assert CODEC.verify(new_token.decode(), now=time.time()).inner_session_id == f"{layer.workers.tag}~another-inner-id"
 
 
 async def test_legacy_message_post_gets_its_inner_id_back_in_the_query() -> None:
@@ -281,11 +282,12 @@ async def test_legacy_endpoint_event_is_rewritten_and_later_chunks_stream_unchan
         *({"type": "http.response.body", "body": chunk, "more_body": True} for chunk in later),
         {"type": "http.response.body", "body": b"", "more_body": False},
     )
-    sent, _ = await call(AffinityMiddleware(inner, settings=SETTINGS), http_scope("GET", "/sse"))
+    layer = AffinityMiddleware(inner, settings=SETTINGS)
+    sent, _ = await call(layer, http_scope("GET", "/sse"))
     bodies = [message["body"] for message in sent[1:]]
     assert bodies[0] == b""
     token = bodies[1].split(b"session_id=")[1].split(b"\r\n")[0].decode()
-    assert CODEC.verify(token, now=time.time()).inner_session_id == INNER
+    assert CODEC.verify(token, now=time.time()).inner_session_id == f"{layer.workers.tag}~{INNER}"
     assert bodies[2:] == [*later, b""]
 
 

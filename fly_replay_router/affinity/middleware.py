@@ -25,12 +25,14 @@ from fly_replay_router.affinity.answers import send_forward_failure, send_not_fo
 from fly_replay_router.affinity.arrival import LARGE_BODY, ROUTING_HEADERS, SMALL_BODY, arrival, replay_state
 from fly_replay_router.affinity.capacity import Admission, Elsewhere, Refusal, client_key, full_hops
 from fly_replay_router.affinity.carriers import AmbiguousCarrier, QueryCarrier, find_query_carrier
-from fly_replay_router.affinity.decision import Forward, Reject, Replay, decide
+from fly_replay_router.affinity.decision import Forward, Reject, Replay, Serve, decide
 from fly_replay_router.affinity.forward import OwnerForwarder, body_replayable
 from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.metrics import DecisionCounts
 from fly_replay_router.affinity.sse import EndpointEventRewriter
 from fly_replay_router.affinity.token import TokenCodec
+from fly_replay_router.affinity.workers import WORKER_SEPARATOR, HandOver, WorkerChannel, decide_worker, handed_over
+from fly_replay_router.affinity.workers import socket_dir as worker_socket_dir
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 from fly_replay_router.protocol import (
     HANDSHAKE_PROTOCOL_VERSIONS,
@@ -68,9 +70,14 @@ class AffinityMiddleware:
             rate=settings.new_session_rate,
             burst=settings.new_session_burst,
         )
+        # Several worker processes per machine: which one owns a session (fly_replay_router.affinity.workers).
+        self.workers = WorkerChannel(worker_socket_dir(settings), serve=self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.workers.lifespan(self.app, scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -162,8 +169,15 @@ class AffinityMiddleware:
             await self._forward(scope, receive, send, decision.owner_machine_id)
             return
 
+        worker, _, inner_id = decision.inner_session_id.partition(WORKER_SEPARATOR)
+        if worker != self.workers.tag:
+            # Another worker of this machine, or a token minted before workers were named.
+            served_id = await self._other_worker(scope, receive, send, decision.inner_session_id)
+            if served_id is None:
+                return
+            inner_id = served_id
         self._counts.served += 1
-        inner = decision.inner_session_id.encode("ascii")
+        inner = inner_id.encode("ascii")
         scope = dict(scope)
         if query_carrier is None:
             scope["headers"] = rewritten = list(headers)
@@ -185,7 +199,8 @@ class AffinityMiddleware:
 
     def issue_token(self, inner_session_id: str) -> str:
         """A token for a session id the inner app minted on this machine."""
-        return self._codec.issue(self.settings.machine_id, inner_session_id, now=time.time())
+        inner = f"{self.workers.tag}{WORKER_SEPARATOR}{inner_session_id}"
+        return self._codec.issue(self.settings.machine_id, inner, now=time.time())
 
     def _minting_send(self, scope: Scope, send: Send, answer: _Answer) -> Send:
         """``send`` for a request without a session: session ids the inner app mints leave as tokens.
@@ -202,7 +217,11 @@ class AffinityMiddleware:
             if message["type"] == "http.response.start":
                 answer.status = message["status"]
                 headers = message.get("headers", ())
-                if any(name == MCP_SESSION_ID for name, _ in headers):
+                minting = any(name == MCP_SESSION_ID for name, _ in headers)
+                sse = scan_for_endpoint and is_event_stream(headers)
+                if (minting or sse) and not self.workers.serving:
+                    await self.workers.start(state=scope.get("state"), root=scope.get("app"))
+                if minting:
                     wrapped = []
                     for name, value in headers:
                         if name == MCP_SESSION_ID:
@@ -210,7 +229,7 @@ class AffinityMiddleware:
                             value = self.issue_token(value.decode("latin-1")).encode("ascii")
                         wrapped.append((name, value))
                     message = {**message, "headers": wrapped}
-                if scan_for_endpoint and is_event_stream(headers):
+                if sse:
                     rewriter = EndpointEventRewriter(self.issue_token)
                     live.legacy_streams += 1
                     answer.legacy_stream = True
@@ -275,6 +294,19 @@ class AffinityMiddleware:
             await send_not_found(send)
         elif outcome.status:
             await send_forward_failure(send, outcome.status)
+
+    async def _other_worker(self, scope: Scope, receive: Receive, send: Send, inner: str) -> str | None:
+        """The inner id to serve here, or None once the request was handed over or answered 404."""
+        decision = decide_worker(inner, this_worker=self.workers.tag, handed_over=handed_over(scope))
+        if isinstance(decision, Serve):
+            return decision.inner_session_id
+        owner = f"{self.settings.machine_id}/{decision.owner_worker if isinstance(decision, HandOver) else '-'}"
+        if isinstance(decision, HandOver) and await self.workers.hand_over(scope, receive, send, decision.owner_worker):
+            self._record(scope, "handed_over", "", owner)
+            return None
+        self._reject(scope, decision.reason if isinstance(decision, Reject) else "worker_gone", owner)
+        await send_not_found(send)
+        return None
 
     def _record(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
         """Count a decision that is not "served here" and log it as one line."""

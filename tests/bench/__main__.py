@@ -19,7 +19,8 @@ benchmarks behind the named keys (e.g. ``--only decision_us layer_overhead_pct``
         "sessionless_overhead_pct": ...,        # = sessionless_overhead_pct_uvicorn
         "sessionless_overhead_pct_inprocess": ..., "sessionless_overhead_pct_uvicorn": ...,
         "replays_per_session_cached": ..., "replays_per_session_uncached": ...,
-        "edge_vs_direct_throughput": ..., "sse_first_event_delay_ms": ..., "edge_rss_mb_1000_streams": ...
+        "edge_vs_direct_throughput": ..., "sse_first_event_delay_ms": ..., "edge_rss_mb_1000_streams": ...,
+        "handover_us": ..., "workers_throughput_ratio": ...   # several workers per machine (workers.py)
       },
       "targets": {key: "<= 2 %", ...}, "met": {key: true, ...},
       "details": {...},      # per benchmark: medians, every round's ratio, extra figures
@@ -55,6 +56,7 @@ ABBA order, median of the per-round or per-pair ratios; see ``layer.py`` and ``e
   with the number of entries.
 - ``session_cost_kb_*``: RSS per open session of one demo machine, by kind (``sessions.py``): an
   abandoned handshake-era session, one holding its ``GET`` event stream, a legacy ``/sse`` stream.
+- ``handover_us``, ``workers_throughput_ratio``: several worker processes per machine; see ``workers.py``.
 
 ``profiles`` (printed too): cProfile of ``decide`` and of the middleware around a stub app (own
 time per call), of the in-process layered server (CPU time) and of the edge's thread
@@ -82,7 +84,7 @@ from typing import Any
 
 import uvloop
 
-from tests.bench import edge, layer, scale, sessions
+from tests.bench import edge, layer, scale, sessions, workers
 from tests.bench.layer import Budget
 
 
@@ -131,6 +133,8 @@ TARGETS = {
     "scale_errors": Target("<=", 0, ""),
     "scale_kb_per_session": Target("", None, " KB"),
     "scale_max_machine_rss_mb": Target("", None, " MB"),
+    "handover_us": Target("", None, " µs"),  # latency one hand-over between workers adds (details: CPU)
+    "workers_throughput_ratio": Target(">=", 1.6, ""),
 }
 # Which benchmark produces which keys (``--only`` takes any of the keys).
 GROUPS = {
@@ -149,6 +153,8 @@ GROUPS = {
     "replay_cache": ("replay_cache_us_10k", "replay_cache_us_100k"),
     "sessions": tuple(f"session_cost_kb_{kind}" for kind in sessions.KINDS),
     "scale": ("scale_misrouted_calls", "scale_errors", "scale_kb_per_session", "scale_max_machine_rss_mb"),
+    "workers_handover": ("handover_us",),
+    "workers_throughput": ("workers_throughput_ratio",),
 }
 # Too long and too large for every run: only with --scale, or named with --only.
 NOT_BY_DEFAULT = set(GROUPS["scale"])
@@ -281,6 +287,17 @@ async def run_benchmarks(groups: set[str], quick: bool, report: Report) -> None:
         memory = await edge.edge_rss_with_streams()
         report.results["edge_rss_mb_1000_streams"] = memory["rss_mb"]
         report.details["edge_rss"] = memory
+    if "workers_handover" in groups:
+        pairs = 500 if quick else 2000
+        report.log(f"hand-over: two workers of one machine, {pairs} calls each way, alternating")
+        cost = await workers.handover_cost(pairs, cpu_calls=pairs)
+        report.results["handover_us"] = cost["handover_us"]
+        report.details["workers_handover"] = cost
+    if "workers_throughput" in groups:
+        report.log(f"workers: a CPU-bound tool under uvicorn --workers 1 and 2, {throughput.rounds} rounds")
+        scaling = await workers.workers_throughput(throughput)
+        report.results["workers_throughput_ratio"] = scaling["workers_throughput_ratio"]
+        report.details["workers_throughput"] = scaling
 
 
 def table(results: dict[str, float]) -> str:
