@@ -29,16 +29,15 @@ from fly_replay_router.affinity.decision import Forward, Reject, Replay, Serve, 
 from fly_replay_router.affinity.forward import OwnerForwarder, body_replayable
 from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.metrics import DecisionCounts
-from fly_replay_router.affinity.sse import EndpointEventRewriter
+from fly_replay_router.affinity.rewrite import Answer, echoing_send, minting_send
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.affinity.workers import WORKER_SEPARATOR, HandOver, WorkerChannel, decide_worker, handed_over
 from fly_replay_router.affinity.workers import socket_dir as worker_socket_dir
-from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
+from fly_replay_router.asgi import ASGIApp, Receive, Scope, Send
 from fly_replay_router.protocol import (
     HANDSHAKE_PROTOCOL_VERSIONS,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
-    is_event_stream,
 )
 from fly_replay_router.settings import AffinitySettings
 
@@ -128,9 +127,20 @@ class AffinityMiddleware:
                     await self._refuse(scope, send, refusal)
                     return
             self._counts.passed += 1
-            answer = _Answer()
+            answer = Answer()
             try:
-                await self.app(scope, receive, self._minting_send(scope, send, answer))
+                await self.app(
+                    scope,
+                    receive,
+                    minting_send(
+                        scope,
+                        send,
+                        answer,
+                        issue_token=self.issue_token,
+                        live=self._admission.live,
+                        workers=self.workers,
+                    ),
+                )
             except ValueError:
                 # The official SDK's legacy GET /sse answers a disallowed Host with 421, then raises
                 # ValueError("Request validation failed"): a traceback per request, for a refusal
@@ -189,7 +199,11 @@ class AffinityMiddleware:
         live.started(inner)
         try:
             # A token that verified is ASCII, whichever carrier it came in.
-            await self.app(scope, receive, self._echoing_send(scope, send, inner, token_text.encode("ascii")))
+            await self.app(
+                scope,
+                receive,
+                echoing_send(scope, send, inner, token_text.encode("ascii"), issue_token=self.issue_token, live=live),
+            )
         finally:
             live.finished(inner, time.monotonic())
 
@@ -201,74 +215,6 @@ class AffinityMiddleware:
         """A token for a session id the inner app minted on this machine."""
         inner = f"{self.workers.tag}{WORKER_SEPARATOR}{inner_session_id}"
         return self._codec.issue(self.settings.machine_id, inner, now=time.time())
-
-    def _minting_send(self, scope: Scope, send: Send, answer: _Answer) -> Send:
-        """``send`` for a request without a session: session ids the inner app mints leave as tokens.
-
-        A legacy ``GET /sse`` stream also has its ``endpoint`` event rewritten as it passes, and
-        counts as an open legacy session until it ends; a minted session counts from now on.
-        """
-        rewriter: EndpointEventRewriter | None = None
-        scan_for_endpoint = scope["method"] == "GET"
-        live = self._admission.live
-
-        async def send_minting(message: Message) -> None:
-            nonlocal rewriter
-            if message["type"] == "http.response.start":
-                answer.status = message["status"]
-                headers = message.get("headers", ())
-                minting = any(name == MCP_SESSION_ID for name, _ in headers)
-                sse = scan_for_endpoint and is_event_stream(headers)
-                if (minting or sse) and not self.workers.serving:
-                    await self.workers.start(state=scope.get("state"), root=scope.get("app"))
-                if minting:
-                    wrapped = []
-                    for name, value in headers:
-                        if name == MCP_SESSION_ID:
-                            live.seen(value, time.monotonic())
-                            value = self.issue_token(value.decode("latin-1")).encode("ascii")
-                        wrapped.append((name, value))
-                    message = {**message, "headers": wrapped}
-                if sse:
-                    rewriter = EndpointEventRewriter(self.issue_token)
-                    live.legacy_streams += 1
-                    answer.legacy_stream = True
-            elif message["type"] == "http.response.body":
-                answer.complete = not message.get("more_body", False)
-                if rewriter is not None and not rewriter.done:
-                    body = rewriter.feed(message.get("body", b""))
-                    if answer.complete:
-                        body += rewriter.flush()
-                    message = {**message, "body": body}
-            await send(message)
-
-        return send_minting
-
-    def _echoing_send(self, scope: Scope, send: Send, inner: bytes, token: bytes) -> Send:
-        """``send`` for a session served here: the inner id goes back out as the client's own token.
-
-        So a session keeps one token (which is also what Fly's replay cache keys on). A different
-        id (the inner app minted a new session) gets a new token. A 404 (the inner app no longer
-        holds the session) or a successful ``DELETE`` ends the session's place in the budget.
-        """
-        deleting = scope["method"] == "DELETE"
-
-        async def send_echoing(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if status == 404 or (deleting and 200 <= status < 300):
-                    self._admission.live.ended(inner)
-                headers = message.get("headers", ())
-                for index, (name, value) in enumerate(headers):
-                    if name == MCP_SESSION_ID:
-                        wrapped = token if value == inner else self.issue_token(value.decode("latin-1")).encode("ascii")
-                        rewritten = list(headers)
-                        rewritten[index] = (name, wrapped)
-                        message = {**message, "headers": rewritten}
-                        break
-            await send(message)
-
-        return send_echoing
 
     async def _send_replay(self, send: Send, owner: str) -> None:
         body = f"Session owned by machine {owner}: Fly's proxy replays this request there.\n"
@@ -317,14 +263,3 @@ class AffinityMiddleware:
         if count:
             self._counts.add("rejected", reason)
         self._log.decision(scope, "rejected", reason, owner)
-
-
-class _Answer:
-    """What the inner app has answered so far: status, whether the body is complete, a legacy stream."""
-
-    __slots__ = ("complete", "legacy_stream", "status")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.complete = False
-        self.legacy_stream = False
