@@ -26,6 +26,7 @@ from pathlib import Path
 
 PORT_OPTION = "--port"
 METRICS_PORT_OPTION = "--metrics-port"
+WORKERS_OPTION = "--workers"
 _APP_ARGUMENT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _PYTHON = re.compile(r"python(\d+(\.\d+)?)?")
 _ESCAPE_DIRECTIVE = re.compile(r"#\s*escape\s*=\s*(\S)\s*", re.IGNORECASE)
@@ -63,12 +64,19 @@ class ImageCommand:
         return None if index is None else self.argv[index]
 
     def for_machine(
-        self, *, port: int, metrics_port: int | None = None, app: str | None = None, python: str = sys.executable
+        self,
+        *,
+        port: int,
+        metrics_port: int | None = None,
+        app: str | None = None,
+        workers: int | None = None,
+        python: str = sys.executable,
     ) -> list[str]:
         """The command for one local machine: the image's, with its ports (and ``app``) replaced.
 
         ``metrics_port`` is required when the image serves metrics (machines on one host cannot
-        share a port) and refused when it does not.
+        share a port) and refused when it does not. ``workers`` sets ``--workers``: on Fly the
+        launcher runs one worker per CPU of the VM, which a local machine must say (fly.toml's cpus).
         """
         self.port  # noqa: B018  # raises the clear error when --port is missing
         if (metrics_port is None) != (self.metrics_port is None):
@@ -81,6 +89,11 @@ class ImageCommand:
         _replace_option(argv, PORT_OPTION, str(port))
         if metrics_port is not None:
             _replace_option(argv, METRICS_PORT_OPTION, str(metrics_port))
+        if workers is not None:
+            if self._option(WORKERS_OPTION) is None:
+                argv += [WORKERS_OPTION, str(workers)]
+            else:
+                _replace_option(argv, WORKERS_OPTION, str(workers))
         if app is not None:
             index = self._app_index()
             if index is not None:

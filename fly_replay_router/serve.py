@@ -12,26 +12,36 @@ A machine behind the affinity layer is reached on two paths, over two address fa
 
 ``uvicorn --host ::`` does not cover both: asyncio sets ``IPV6_V6ONLY`` on a socket it binds to
 ``::``, so IPv4 connections are refused. This launcher binds two sockets per port, ``0.0.0.0`` and
-``::`` (IPv6 only), and hands them to one ``uvicorn.Server``: one process, one event loop, one
-lifespan. With ``--metrics-port`` it also serves ``/metrics`` there, on both families, through
-``PrivateMetrics``: the port is left out of fly.toml's services, so only Fly's scraper reaches it.
+``::`` (IPv6 only), and hands them to uvicorn: one ``uvicorn.Server`` (one process, one event
+loop, one lifespan), or ``--workers`` of them. With ``--metrics-port`` it also serves ``/metrics``
+there, on both families, through ``PrivateMetrics``: the port is left out of fly.toml's services,
+so only Fly's scraper reaches it.
 
 SIGTERM (fly.toml's ``kill_signal``) stops the server gracefully: no new connections, open requests
 get ``--timeout-graceful-shutdown`` seconds (keep it below ``kill_timeout``), then the app's lifespan
 shuts down.
+
+``--workers N`` (default: the CPUs this process may run on, so a machine of N CPUs runs N workers)
+runs N processes on the same sockets under uvicorn's supervisor, which restarts a worker that dies.
+The affinity layer keeps each session on the worker that holds it (README "Several workers per
+machine"). The supervisor checks once, in a short-lived process, that the app imports, so that a
+missing secret stops the machine with one sentence instead of a worker that restarts forever.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvicorn
 from uvicorn.importer import ImportFromStringError, import_from_string
+from uvicorn.supervisors import Multiprocess
 
 from fly_replay_router.asgi import ASGIApp
 
@@ -59,6 +69,7 @@ class ServeOptions:
     timeout_graceful_shutdown: int = 25
     log_level: str = "info"
     access_log: bool = True
+    workers: int = 1
 
     def __post_init__(self) -> None:
         module, _, attribute = self.app.partition(":")
@@ -71,6 +82,8 @@ class ServeOptions:
             raise ValueError("--metrics-port must differ from --port: the service's port is public on Fly")
         if self.timeout_graceful_shutdown < 0:
             raise ValueError("--timeout-graceful-shutdown must be 0 or more seconds")
+        if not 1 <= self.workers <= 256:
+            raise ValueError(f"--workers {self.workers} must be from 1 to 256")
 
 
 def listening_sockets(port: int) -> list[socket.socket]:
@@ -112,6 +125,43 @@ class FlyServer(uvicorn.Server):
             logger.info("Serving /metrics on port %d, IPv4 and IPv6 (for Fly's scraper only)", options.metrics_port)
 
 
+# How the supervisor tells its worker processes what to serve (they are spawned, not forked).
+_WORKER_OPTIONS = "FLY_REPLAY_ROUTER_SERVE"
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (a Fly machine's ``cpus``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def worker_app() -> ASGIApp:
+    """The app of one worker process (a uvicorn app factory): what the supervisor passed it."""
+    app_ref, app_dir, metrics_port = os.environ[_WORKER_OPTIONS].split("\n")
+    sys.path.insert(0, app_dir)
+    show_layer_logs()
+    app: ASGIApp = import_from_string(app_ref)
+    return _with_private_metrics(app, int(metrics_port)) if metrics_port else app
+
+
+def _check_app_imports(options: ServeOptions) -> None:
+    """Import the app once in a short-lived process; ``ValueError`` with its last words if it cannot."""
+    probe = "import sys; from uvicorn.importer import import_from_string; import_from_string(sys.argv[1])"
+    result = subprocess.run(
+        [sys.executable, "-c", probe, options.app],
+        cwd=options.app_dir,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [options.app_dir, os.environ.get("PYTHONPATH")])),
+        },
+    )
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or f"exit status {result.returncode}").splitlines()
+        raise ValueError(lines[-1].removeprefix("fly-replay-router cannot start: "))
+
+
 def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]:
     """Bind the sockets, import the app, and make the server; start it with ``server.run(sockets)``.
 
@@ -122,17 +172,28 @@ def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]
     try:
         for port in ports:
             sockets += listening_sockets(port)
-        sys.path.insert(0, options.app_dir)
-        show_layer_logs()
-        app: ASGIApp = import_from_string(options.app)
-        if options.metrics_port is not None:
-            app = _with_private_metrics(app, options.metrics_port)
+        app: ASGIApp | str
+        if options.workers > 1:
+            _check_app_imports(options)
+            os.environ[_WORKER_OPTIONS] = "\n".join([options.app, options.app_dir, str(options.metrics_port or "")])
+            # The workers share the VM's memory: each sizes its session budget to its share.
+            os.environ["AFFINITY_WORKERS"] = str(options.workers)
+            app = "fly_replay_router.serve:worker_app"
+        else:
+            sys.path.insert(0, options.app_dir)
+            show_layer_logs()
+            imported: ASGIApp = import_from_string(options.app)
+            if options.metrics_port is not None:
+                imported = _with_private_metrics(imported, options.metrics_port)
+            app = imported
     except (OSError, ImportFromStringError, ValueError) as exc:
         for sock in sockets:
             sock.close()
         raise ValueError(exc.strerror if isinstance(exc, OSError) else str(exc)) from None
     config = uvicorn.Config(
         app,
+        factory=options.workers > 1,
+        workers=options.workers,
         proxy_headers=options.proxy_headers,
         forwarded_allow_ips=options.forwarded_allow_ips,
         timeout_graceful_shutdown=options.timeout_graceful_shutdown,
@@ -181,7 +242,7 @@ def parse_options(argv: Sequence[str] | None = None) -> ServeOptions:
     parser = argparse.ArgumentParser(
         prog="python -m fly_replay_router.serve",
         description=(
-            "Serve an ASGI app (one uvicorn process) on PORT over IPv4 (0.0.0.0: Fly's proxy reaches a "
+            "Serve an ASGI app (uvicorn, one worker per CPU) on PORT over IPv4 (0.0.0.0: Fly's proxy reaches a "
             "machine's internal_port that way) and IPv6 (:: : peers on Fly's private network, 6PN, do), "
             "and optionally /metrics on a private METRICS_PORT, both families. SIGTERM stops it gracefully."
         ),
@@ -222,6 +283,13 @@ def parse_options(argv: Sequence[str] | None = None) -> ServeOptions:
     )
     parser.add_argument("--log-level", default=defaults.log_level, help="uvicorn's log level (default info)")
     parser.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes on the port; sessions stick to the one that holds them "
+        "(default: the CPUs this process may use, so fly.toml's cpus)",
+    )
     args = parser.parse_args(argv)
     try:
         return ServeOptions(
@@ -234,6 +302,7 @@ def parse_options(argv: Sequence[str] | None = None) -> ServeOptions:
             timeout_graceful_shutdown=args.timeout_graceful_shutdown,
             log_level=args.log_level,
             access_log=not args.no_access_log,
+            workers=cpu_count() if args.workers is None else args.workers,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -246,6 +315,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         server, sockets = build_server(options)
     except ValueError as exc:
         raise SystemExit(f"fly-replay-router cannot start: {exc}") from None
+    if options.workers > 1:
+        for host, _family, purpose in LISTEN_ADDRESSES:
+            logger.info("Serving %s on http://%s (%s)", options.app, _address(host, options.port), purpose)
+        logger.info("%d worker processes; each session sticks to the one that holds it", options.workers)
+        Multiprocess(server.config, sockets=sockets).run()
+        return
     server.run(sockets=sockets)
 
 

@@ -179,7 +179,9 @@ class AffinitySettings:
         if not machine_id:
             machine_id = secrets.token_hex(7)
             logger.warning("FLY_MACHINE_ID is not set (not on Fly): this process is machine %s", machine_id)
-        sized = sessions_for_memory(_number("FLY_VM_MEMORY_MB", env.get("FLY_VM_MEMORY_MB", "")))
+        # The launcher (fly_replay_router.serve --workers N) tells its workers how many share the VM.
+        workers = int(_number("AFFINITY_WORKERS", env.get("AFFINITY_WORKERS", "")) or 1)
+        sized = sessions_for_memory(_number("FLY_VM_MEMORY_MB", env.get("FLY_VM_MEMORY_MB", "")), workers)
         rate = env.get("AFFINITY_NEW_SESSION_RATE", "").strip()
         burst = _number("AFFINITY_NEW_SESSION_BURST", env.get("AFFINITY_NEW_SESSION_BURST", ""))
         idle = env.get("AFFINITY_SESSION_IDLE_TIMEOUT", "").strip()
@@ -217,15 +219,17 @@ class AffinitySettings:
         )
 
 
-def sessions_for_memory(memory_mb: float | None) -> int | None:
-    """The default session cap for a VM of ``memory_mb`` (Fly sets ``FLY_VM_MEMORY_MB``); None if unknown.
+def sessions_for_memory(memory_mb: float | None, workers: int = 1) -> int | None:
+    """The default session cap of one process, on a VM of ``memory_mb`` run by ``workers`` processes.
 
-    ``(memory x SESSION_MEMORY_SHARE - PROCESS_BASELINE_MB) / SESSION_COST_KB``: 512 MB holds 2,908
-    sessions that each keep an event stream open, 1 GB 6,840, 2 GB 14,704.
+    ``(memory x SESSION_MEMORY_SHARE - workers x PROCESS_BASELINE_MB) / SESSION_COST_KB / workers``:
+    with one worker, 512 MB holds 2,908 sessions that each keep an event stream open, 1 GB 6,840,
+    2 GB 14,704. None if the memory is unknown (not on Fly, which sets ``FLY_VM_MEMORY_MB``).
     """
     if not memory_mb:
         return None
-    return max(100, int((memory_mb * SESSION_MEMORY_SHARE - PROCESS_BASELINE_MB) * 1024 / SESSION_COST_KB))
+    budget_mb = memory_mb * SESSION_MEMORY_SHARE - workers * PROCESS_BASELINE_MB
+    return max(100, int(budget_mb * 1024 / SESSION_COST_KB / workers))
 
 
 def _number(name: str, text: str) -> float | None:

@@ -65,9 +65,12 @@ class Machine:
                 self.process.wait()
 
 
-def machine_command(app: str, port: int, metrics_port: int | None) -> list[str]:
-    """The Dockerfile's CMD for one local machine: its ports and app replaced, this interpreter."""
-    return IMAGE_COMMAND.for_machine(port=port, metrics_port=metrics_port, app=app)
+def machine_command(app: str, port: int, metrics_port: int | None, workers: int = 1) -> list[str]:
+    """The Dockerfile's CMD for one local machine: its ports and app replaced, this interpreter.
+
+    One worker, as fly.toml's ``cpus = 1`` gives the image on Fly (the launcher runs one per CPU).
+    """
+    return IMAGE_COMMAND.for_machine(port=port, metrics_port=metrics_port, app=app, workers=workers)
 
 
 def start_machine(

@@ -188,3 +188,9 @@ async def test_legacy_streams_count_while_open() -> None:
     # The first stream ended: its place is free again.
     assert layer._admission.live.legacy_streams == 0
     assert (await request(layer, "GET"))[0] == 200
+
+
+def test_workers_of_one_vm_share_its_session_budget() -> None:
+    assert sessions_for_memory(2048, workers=2) == int((2048 * 0.75 - 200) * 1024 / 100 / 2)
+    env = {"AFFINITY_SECRET": KEY, "FLY_VM_MEMORY_MB": "2048", "AFFINITY_WORKERS": "2"}
+    assert AffinitySettings.from_env(env).max_sessions == sessions_for_memory(2048, workers=2)

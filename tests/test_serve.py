@@ -6,6 +6,7 @@ IPv6 (6PN); here those are ``127.0.0.1`` and ``[::1]``.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -168,3 +169,15 @@ def test_help_explains_which_address_serves_whom() -> None:
     assert "private network, 6PN" in text
     assert "--metrics-port" in text
     assert "https://fly.io/docs/networking/app-services/" in text
+
+
+def test_with_several_workers_a_missing_secret_on_fly_is_one_sentence_not_a_restart_loop() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "AFFINITY_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fly_replay_router.serve", "--workers", "2", "--port", str(free_port())],
+        cwd=ROOT, env={**env, "FLY_MACHINE_ID": "e0e0e0e0e0e0e0"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "fly-replay-router cannot start: AFFINITY_SECRET is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "worker" not in result.stderr.lower()  # no worker was started, so none restarts

@@ -1,4 +1,4 @@
-"""One machine, several worker processes (``uvicorn --workers 2``, gunicorn with uvicorn workers).
+"""One machine, several worker processes (the image's launcher, ``uvicorn --workers 2``, gunicorn).
 
 The workers share the machine's port and the kernel gives each connection to any of them; every
 call of a session must still be answered by the process that holds it (the demo's ``worker`` tool
@@ -34,6 +34,8 @@ MACHINE = "d0d0d0d0d0d0d0"
 SESSIONS = 20
 CALLS = 10
 SERVERS = {
+    # The image's own launcher, as the Dockerfile runs it on a machine of 2 CPUs.
+    "launcher": ["-m", "fly_replay_router.serve", "app.main:app", "--workers", "2", "--port", "{port}"],
     "uvicorn": ["-m", "uvicorn", "app.main:app", "--workers", "2", "--host", "127.0.0.1", "--port", "{port}"],
     "gunicorn": [
         "-m",

@@ -61,12 +61,23 @@ class MachineCommand:
         # The launcher serves metrics only with prometheus-client (the [metrics] extra) installed.
         return importlib.util.find_spec("prometheus_client") is not None
 
-    def argv(self, *, app: str, app_dir: str | None, port: int, metrics_port: int | None) -> list[str]:
-        """The command line of one machine listening on ``port`` (and ``metrics_port``)."""
+    def argv(
+        self, *, app: str, app_dir: str | None, port: int, metrics_port: int | None, workers: int = 1
+    ) -> list[str]:
+        """The command line of one machine listening on ``port`` (and ``metrics_port``), ``workers`` processes."""
         if self.image is not None:
-            argv = self.image.for_machine(port=port, metrics_port=metrics_port, app=app)
+            argv = self.image.for_machine(port=port, metrics_port=metrics_port, app=app, workers=workers)
         else:
-            argv = [sys.executable, "-m", "fly_replay_router.serve", app, "--port", str(port)]
+            argv = [
+                sys.executable,
+                "-m",
+                "fly_replay_router.serve",
+                app,
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ]
             argv += ["--timeout-graceful-shutdown", str(FALLBACK_GRACEFUL_SECONDS)]
             if metrics_port is not None:
                 argv += ["--metrics-port", str(metrics_port)]

@@ -44,7 +44,9 @@ def test_each_machine_runs_the_dockerfiles_command_with_its_own_ports(tmp_path: 
         for machine in machines:
             port = int(machine["url"].rsplit(":", 1)[1])
             metrics_port = int(machine["metrics_url"].rsplit(":", 1)[1])
-            assert _cmdline(machine["pid"]) == image.for_machine(port=port, metrics_port=metrics_port, app=PROBE)
+            assert _cmdline(machine["pid"]) == image.for_machine(
+                port=port, metrics_port=metrics_port, app=PROBE, workers=1
+            )
             # Metrics on the private port; through the edge, /metrics is the app's own path, not the metrics.
             private = httpx.get(machine["metrics_url"] + "/metrics")
             assert private.status_code == 200
