@@ -23,7 +23,7 @@ def test_live_sessions_drop_idle_ones_but_keep_those_with_a_request_in_flight() 
     live = LiveSessions(idle_timeout=10)
     for name in (b"a", b"b", b"c"):
         live.seen(name, 0.0)
-    live.started(b"b")  # b holds an event stream
+    live.started(b"b", 0.0)  # b holds an event stream
     assert live.count(5.0) == 3
     assert live.count(11.0) == 1  # a and c idled out; b's stream is still open
     live.finished(b"b", 30.0)

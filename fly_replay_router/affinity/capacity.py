@@ -42,19 +42,26 @@ class LiveSessions:
         self._last_seen[inner] = now
         self._last_seen.move_to_end(inner)
 
-    def started(self, inner: bytes) -> None:
-        """A request of ``inner`` is in flight (until ``finished``)."""
-        self._in_flight[inner] = self._in_flight.get(inner, 0) + 1
+    def started(self, inner: bytes, now: float) -> None:
+        """A request of ``inner`` arrived at ``now`` and is in flight (until ``finished``)."""
+        last_seen = self._last_seen
+        last_seen[inner] = now
+        last_seen.move_to_end(inner)
+        in_flight = self._in_flight
+        in_flight[inner] = in_flight.get(inner, 0) + 1
 
     def finished(self, inner: bytes, now: float) -> None:
         """The request ``started`` for ``inner`` has ended; its session counts as active until now."""
-        left = self._in_flight.get(inner, 1) - 1
+        in_flight = self._in_flight
+        left = in_flight.get(inner, 1) - 1
         if left:
-            self._in_flight[inner] = left
+            in_flight[inner] = left
         else:
-            self._in_flight.pop(inner, None)
-        if inner in self._last_seen:
-            self.seen(inner, now)
+            in_flight.pop(inner, None)
+        last_seen = self._last_seen
+        if inner in last_seen:
+            last_seen[inner] = now
+            last_seen.move_to_end(inner)
 
     def ended(self, inner: bytes) -> None:
         """The session is gone (``DELETE`` answered 2xx, or the inner server answered 404 for it)."""

@@ -195,8 +195,7 @@ class AffinityMiddleware:
         else:
             scope["query_string"] = query_carrier.replaced(scope["query_string"], inner)
         live = self._admission.live
-        live.seen(inner, time.monotonic())
-        live.started(inner)
+        live.started(inner, time.monotonic())
         try:
             # A token that verified is ASCII, whichever carrier it came in.
             await self.app(
