@@ -63,6 +63,9 @@ class AffinitySettings:
       per second after a burst; beyond it 429 with ``Retry-After`` (``None``: no limit).
     - ``worker_socket_dir``: the directory where the worker processes of this machine open their hand-over
       sockets (``""``: ``<temp dir>/fly-replay-router-<uid>/<machine_id>``); see ``fly_replay_router.affinity.workers``.
+    - ``workers``: worker processes that share this machine (``AFFINITY_WORKERS``, else ``WEB_CONCURRENCY``):
+      each sizes its session cap to its share, and, when no ASGI lifespan reaches the layer, opens its
+      hand-over socket at its first session only if there are several.
     """
 
     machine_id: str
@@ -85,6 +88,7 @@ class AffinitySettings:
     forward_write_timeout: float = 30.0
     forward_connections_per_owner: int = 20
     worker_socket_dir: str = ""
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not MACHINE_ID_PATTERN.fullmatch(self.machine_id):
@@ -133,6 +137,8 @@ class AffinitySettings:
             raise ValueError("new_session_rate must be a positive number of sessions per second, or None for no limit")
         if self.new_session_burst < 1:
             raise ValueError("new_session_burst must be at least 1")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
         if self.worker_socket_dir and not self.worker_socket_dir.startswith("/"):
             raise ValueError("worker_socket_dir must be an absolute path, or empty for the default")
 
@@ -179,8 +185,10 @@ class AffinitySettings:
         if not machine_id:
             machine_id = secrets.token_hex(7)
             logger.warning("FLY_MACHINE_ID is not set (not on Fly): this process is machine %s", machine_id)
-        # The launcher (fly_replay_router.serve --workers N) tells its workers how many share the VM.
-        workers = int(_number("AFFINITY_WORKERS", env.get("AFFINITY_WORKERS", "")) or 1)
+        # How many worker processes share this machine: the launcher (fly_replay_router.serve --workers N)
+        # says so in AFFINITY_WORKERS; WEB_CONCURRENCY is the convention uvicorn and gunicorn read.
+        declared = env.get("AFFINITY_WORKERS", "") or env.get("WEB_CONCURRENCY", "")
+        workers = int(_number("AFFINITY_WORKERS", declared) or 1)
         sized = sessions_for_memory(_number("FLY_VM_MEMORY_MB", env.get("FLY_VM_MEMORY_MB", "")), workers)
         rate = env.get("AFFINITY_NEW_SESSION_RATE", "").strip()
         burst = _number("AFFINITY_NEW_SESSION_BURST", env.get("AFFINITY_NEW_SESSION_BURST", ""))
@@ -216,6 +224,7 @@ class AffinitySettings:
             forward_connections_per_owner=_count("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", connections or "20"),
             **forward_timeouts,
             worker_socket_dir=env.get("AFFINITY_WORKER_SOCKET_DIR", "").strip(),
+            workers=workers,
         )
 
 

@@ -70,7 +70,7 @@ class AffinityMiddleware:
             burst=settings.new_session_burst,
         )
         # Several worker processes per machine: which one owns a session (fly_replay_router.affinity.workers).
-        self.workers = WorkerChannel(worker_socket_dir(settings), serve=self)
+        self.workers = WorkerChannel(worker_socket_dir(settings), serve=self, lazy=settings.workers > 1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -45,7 +45,7 @@ def minting_send(
     A legacy ``GET /sse`` stream also has its ``endpoint`` event rewritten as it passes, and
     counts as an open legacy session until it ends (the caller decrements ``legacy_streams`` when
     ``answer.legacy_stream``); a minted session counts from now on. The first session a worker
-    mints opens its hand-over channel, if the lifespan did not.
+    mints opens its hand-over channel, if the lifespan did not and several workers are declared.
     """
     rewriter: EndpointEventRewriter | None = None
     scan_for_endpoint = scope["method"] == "GET"
@@ -57,7 +57,7 @@ def minting_send(
             headers = message.get("headers", ())
             minting = any(name == MCP_SESSION_ID for name, _ in headers)
             sse = scan_for_endpoint and is_event_stream(headers)
-            if (minting or sse) and not workers.serving:
+            if (minting or sse) and workers.lazy and not workers.serving:
                 await workers.start(state=scope.get("state"), root=scope.get("app"))
             if minting:
                 wrapped = []

@@ -97,8 +97,11 @@ class WorkerChannel:
     at the first session this worker mints when no lifespan reaches the layer); ``stop`` closes it.
     """
 
-    def __init__(self, directory: str, *, serve: ASGIApp, connect_timeout: float = 2.0) -> None:
+    def __init__(self, directory: str, *, serve: ASGIApp, connect_timeout: float = 2.0, lazy: bool = False) -> None:
         self.directory = Path(directory)
+        # Open the socket at the first session minted when no lifespan opened it: only where several
+        # workers are declared, so that a single process (or an app called in-process) binds nothing.
+        self.lazy = lazy
         self.connect_timeout = connect_timeout
         self._serve = serve
         self._pid = os.getpid()
