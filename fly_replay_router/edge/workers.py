@@ -60,8 +60,10 @@ async def kill_worker(machine_pid: int, port: int, pid: int, *, within: float = 
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + within
-    # Polled: nothing reports the death of a process the edge did not start (a zombie counts as dead).
-    while _alive(pid) and time.monotonic() < deadline:  # noqa: ASYNC110
+    # Polled: nothing reports the end of a process the edge did not start. Dead means its files are
+    # closed too: a process whose main thread exited still holds its sockets until its last thread
+    # ends, and a request the edge sent on one of them then would be reset.
+    while not _gone(pid) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
 
 
@@ -137,6 +139,20 @@ def _holds(pid: int, inodes: frozenset[str]) -> bool:
     except OSError:
         return False
     return False
+
+
+def _gone(pid: int) -> bool:
+    """Exited with every file closed: no such process, or a zombie whose other threads ended too.
+
+    (The files are shared by the threads and closed with the last one; a zombie main thread shows
+    no files in ``/proc/<pid>/fd`` while its siblings still hold them, so the threads are counted.)
+    """
+    if _alive(pid):
+        return False
+    try:
+        return os.listdir(PROC / str(pid) / "task") == [str(pid)]
+    except OSError:
+        return True
 
 
 def _alive(pid: int) -> bool:
