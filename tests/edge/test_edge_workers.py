@@ -19,10 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.async_api import expect
 
 from fly_replay_router.edge.arguments import build_parser, plan_launch
 from fly_replay_router.edge.config import FlyToml
 from fly_replay_router.edge.vm import VmSize, parse_memory
+from tests.edge.browser import browser_page
 from tests.edge.edge_cli import ROOT, FleetProcess, alive, running_fleet, wait_gone
 
 PROBE = "tests.edge.edge_probe:app"
@@ -251,3 +253,22 @@ def test_a_supervisor_that_dies_takes_its_workers_with_it(fleet: FleetProcess) -
     assert started["state"] == "started"
     assert started["pid"] != machine["pid"]
     fleet.machine_pids.append(started["pid"])
+
+
+@pytest.mark.anyio
+async def test_the_page_shows_each_machines_workers_and_kills_one(
+    fleet: FleetProcess, chromium: Path, tmp_path: Path
+) -> None:
+    machine = fleet.status()["machines"][0]
+    victim, sibling = machine["worker_pids"]
+    async with browser_page(chromium, tmp_path / "profile") as page:
+        await page.goto(f"{fleet.url}/_edge/")
+        cell = page.locator(f'tr[data-machine="{machine["id"]}"] td.workers')
+        await expect(cell.locator(".worker-count")).to_have_text("2/2")
+        await expect(cell.locator("button")).to_have_text([f"kill {victim}", f"kill {sibling}"])
+        await cell.locator(f'button[data-pid="{victim}"]').click()
+        await expect(cell.locator(f'button[data-pid="{victim}"]')).to_have_count(0)
+        await expect(cell.locator(f'button[data-pid="{sibling}"]')).to_have_count(1)
+        await expect(cell.locator(".worker-count")).to_have_text("2/2", timeout=30_000)  # a new worker took its place
+    assert not wait_gone([victim])
+    assert alive(sibling)
