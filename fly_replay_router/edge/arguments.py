@@ -24,7 +24,7 @@ from fly_replay_router.edge.config import (
     FlyToml,
 )
 from fly_replay_router.edge.guard import is_loopback
-from fly_replay_router.edge.remote import DEFAULT_EDGE, MACHINE_VERBS
+from fly_replay_router.edge.remote import add_verbs
 
 # The demo MCP server that `fly deploy` ships; its endpoints are known, a user's app's are not.
 DEMO_APP = "app.main:app"
@@ -62,6 +62,9 @@ class LaunchPlan:
     command: MachineCommand
     max_head_bytes: int
     head_timeout: float
+    # Worker processes per machine, and why that many (for the banner).
+    workers: int = 1
+    workers_source: str = "one per CPU: fly.toml has no [[vm]]"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             "with fly-replay can be seen and tested without a Fly account. Also: python -m fly_replay_router.edge."
         ),
         epilog=(
-            "Verbs for a running edge: 'machine stop|start|suspend|resume|kill ID', 'status'. "
+            "Verbs for a running edge: 'machine stop|start|suspend|resume|kill ID', 'worker kill ID PID', 'status'. "
             "The live page is at http://HOST:PORT/_edge/. Ctrl-C or SIGTERM stops everything."
         ),
     )
@@ -97,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "each machine runs this Dockerfile's CMD, with only its ports and --app replaced (default: the "
             "Dockerfile next to the fly.toml in use; without one, python -m fly_replay_router.serve)"
+        ),
+    )
+    fleet.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=(
+            "worker processes per machine, the image's --workers (default: the Dockerfile CMD's --workers, else "
+            "fly.toml's [[vm]] cpus, 1 without it: the launcher runs one per CPU on Fly)"
         ),
     )
     fleet.add_argument(
@@ -193,20 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a request's headers must arrive within this time, else 408 (default {DEFAULT_HEAD_TIMEOUT:g})",
     )
     edge.add_argument("--log-level", default="info", choices=("debug", "info", "warning"), help="edge log level")
-    verbs = parser.add_subparsers(dest="verb", metavar="{machine,status}")
-    machine = verbs.add_parser(
-        "machine",
-        help="stop, start, suspend, resume or kill a machine of a running edge",
-        description=(
-            "stop: SIGTERM, memory and sessions gone; suspend: SIGSTOP, memory kept; start: boot a stopped "
-            "machine fresh (same id) or resume a suspended one; resume: same as start; kill: SIGKILL (a crash)."
-        ),
-    )
-    machine.add_argument("action", choices=MACHINE_VERBS)
-    machine.add_argument("machine_id", metavar="ID")
-    machine.add_argument("--edge", default=DEFAULT_EDGE, help=f"the running edge (default {DEFAULT_EDGE})")
-    status = verbs.add_parser("status", help="print a running edge's /_edge/status")
-    status.add_argument("--edge", default=DEFAULT_EDGE, help=f"the running edge (default {DEFAULT_EDGE})")
+    add_verbs(parser)
     return parser
 
 
@@ -250,7 +250,10 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         except OSError as exc:
             raise ValueError(f"--log-dir {log_dir}: cannot create it ({exc.strerror})") from exc
     command = MachineCommand.find(args.dockerfile, path, required=args.dockerfile is not None) if machines else None
+    workers, workers_source = _workers(args.workers, command or MachineCommand(), fly_toml)
     return LaunchPlan(
+        workers=workers,
+        workers_source=workers_source,
         command=command or MachineCommand(),
         max_head_bytes=args.max_header_bytes,
         head_timeout=args.header_timeout,
@@ -288,3 +291,15 @@ def _health_check(option: str | None, fly_toml: FlyToml) -> tuple[str | None, st
     if fly_toml.health_path is not None:
         return fly_toml.health_path, "fly.toml [[http_service.checks]]"
     return None, "no [[http_service.checks]] path in fly.toml"
+
+
+def _workers(option: int | None, command: MachineCommand, fly_toml: FlyToml) -> tuple[int, str]:
+    """Worker processes per machine and where the number came from: what Fly would run on the VM."""
+    if option is not None:
+        if not 1 <= option <= 256:
+            raise ValueError(f"--workers {option} must be from 1 to 256")
+        return option, "--workers"
+    fixed = command.image_workers
+    if fixed is not None:
+        return fixed, "the Dockerfile CMD's --workers"
+    return fly_toml.vm.cpus, f"one per CPU: {fly_toml.vm.source}"

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fly_replay_router.dockerfile import ImageCommand, read_image_command
+from fly_replay_router.dockerfile import WORKERS_OPTION, ImageCommand, read_image_command
 
 DOCKERFILE = "Dockerfile"
 # The launcher's graceful-shutdown timeout when no Dockerfile gives one (the demo image uses 25 s).
@@ -60,6 +60,22 @@ class MachineCommand:
             return self.image.metrics_port is not None
         # The launcher serves metrics only with prometheus-client (the [metrics] extra) installed.
         return importlib.util.find_spec("prometheus_client") is not None
+
+    @property
+    def image_workers(self) -> int | None:
+        """The ``--workers`` the Dockerfile's ``CMD`` fixes, or None (the launcher runs one per CPU)."""
+        argv = self.image.argv if self.image is not None else ()
+        value = None
+        for index, argument in enumerate(argv):
+            if argument == WORKERS_OPTION and index + 1 < len(argv):
+                value = argv[index + 1]
+            elif argument.startswith(f"{WORKERS_OPTION}="):
+                value = argument.partition("=")[2]
+        if value is None:
+            return None
+        if not value.isdigit() or not 1 <= int(value) <= 256:
+            raise ValueError(f"the Dockerfile's CMD gives {WORKERS_OPTION} {value!r}: it must be from 1 to 256")
+        return int(value)
 
     def argv(
         self, *, app: str, app_dir: str | None, port: int, metrics_port: int | None, workers: int = 1

@@ -4,11 +4,12 @@ The real Fly Proxy takes these things from ``fly.toml`` that the simulated edge 
 session-based replay cache rules (``[[http_service.http_options.replay_cache]]``), the idle
 timeout of HTTP connections (``[http_service.http_options] idle_timeout``), autostop/autostart
 (``auto_stop_machines``, ``auto_start_machines``, ``min_machines_running``) and the concurrency
-limits (``[http_service.concurrency] soft_limit`` / ``hard_limit``), and the path of the HTTP health
-check (``[[http_service.checks]]``). ``primary_region`` names the fleet's one local region when
-present. References: Fly's "fly.toml configuration" (https://fly.io/docs/reference/configuration/),
-"Fly Proxy autostop/autostart" (https://fly.io/docs/reference/fly-proxy-autostop-autostart/) and
-"Load balancing" (https://fly.io/docs/reference/load-balancing/).
+limits (``[http_service.concurrency] soft_limit`` / ``hard_limit``), the path of the HTTP health
+check (``[[http_service.checks]]``), and each machine's size (``[[vm]]``, read by ``vm.py``).
+``primary_region`` names the fleet's one local region when present. References: Fly's "fly.toml
+configuration" (https://fly.io/docs/reference/configuration/), "Fly Proxy autostop/autostart"
+(https://fly.io/docs/reference/fly-proxy-autostop-autostart/) and "Load balancing"
+(https://fly.io/docs/reference/load-balancing/).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 from fly_replay_router import fly
 from fly_replay_router.edge.guard import LOOPBACK_NAMES
+from fly_replay_router.edge.vm import VmSize
 
 # Fly's documented default for HTTP connections with no traffic ([http_service.http_options] idle_timeout).
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -89,6 +91,8 @@ class FlyToml:
     # The path of the first [[http_service.checks]] entry: Fly keeps a Machine in rotation while
     # a GET of it answers 2xx. None: the app declares no HTTP check.
     health_path: str | None = None
+    # [[vm]]: each machine's CPUs (the workers it runs) and memory (its FLY_VM_MEMORY_MB).
+    vm: VmSize = field(default_factory=VmSize)
 
     def __post_init__(self) -> None:
         if not self.idle_timeout > 0:
@@ -150,6 +154,7 @@ class FlyToml:
             env=tuple((str(key), str(value)) for key, value in env.items()),
             health_path=_health_path(service.get("checks", [])),
             kill_timeout=_seconds(document.get("kill_timeout", DEFAULT_KILL_TIMEOUT), "kill_timeout"),
+            vm=VmSize.from_document(document),
         )
 
 

@@ -12,7 +12,8 @@ The lifecycle, as Fly Machines have it:
 
 - ``stop``: SIGTERM, SIGKILL after ``stop_timeout`` (fly.toml's ``kill_timeout``); the process
   ends, its memory (and every in-memory MCP session) is gone;
-- ``suspend``: SIGSTOP to the process group; the memory is kept, connections to it hang;
+- ``suspend``: SIGSTOP to the process group (a supervisor and its workers alike); the memory is
+  kept, connections to it hang;
 - ``start``: a stopped machine boots fresh (same id and port, empty memory); a suspended one is
   resumed with SIGCONT and continues where it was;
 - ``kill``: SIGKILL at once, like a crash.
@@ -60,6 +61,10 @@ class FleetSpec:
     # A started machine is healthy once GET of this path answers 2xx; None: once its port accepts
     # a TCP connection (an app without [[http_service.checks]]).
     health_path: str | None = None
+    # Worker processes per machine (the image's --workers: fly.toml's [[vm]] cpus by default), and
+    # the memory Fly would give each machine (FLY_VM_MEMORY_MB: fly.toml's [[vm]] memory).
+    workers: int = 1
+    memory_mb: int | None = None
 
 
 StateListener = Callable[[Machine, MachineState], None]
@@ -103,7 +108,8 @@ class Fleet:
             machine_id = new_machine_id()
             while machine_id in self.machines:
                 machine_id = new_machine_id()
-            machine = Machine(id=machine_id, url=f"http://127.0.0.1:{proc.free_port()}", managed=True)
+            url = f"http://127.0.0.1:{proc.free_port()}"
+            machine = Machine(id=machine_id, url=url, managed=True, workers=self.spec.workers)
             if self.spec.command.serves_metrics:
                 machine.metrics_url = f"http://127.0.0.1:{proc.free_port()}"
             self.machines[machine_id] = machine
@@ -136,9 +142,7 @@ class Fleet:
     def _notice_exit(self, machine: Machine) -> None:
         process = machine.process
         if process is not None and machine.state in ("started", "suspended") and process.poll() is not None:
-            machine.exit_code = process.returncode
-            machine.process = None
-            self._set_state(machine, "stopped")
+            self._mark_exited(machine)
 
     async def start_all(self) -> None:
         """Start every stopped managed machine concurrently; raise the first failure after all tried."""
@@ -261,15 +265,17 @@ class Fleet:
             self._log_dir = Path(tempfile.mkdtemp(prefix="fly-edge-logs-"))
         machine.log_path = self._log_dir / f"{machine.id}.log"
         metrics_port = None if machine.metrics_url is None else int(machine.metrics_url.rsplit(":", 1)[1])
-        command = self.spec.command.argv(
-            app=self.spec.app, app_dir=self.spec.app_dir, port=machine.port, metrics_port=metrics_port
+        spec = self.spec
+        command = spec.command.argv(
+            app=spec.app, app_dir=spec.app_dir, port=machine.port, metrics_port=metrics_port, workers=spec.workers
         )
         self._set_state(machine, "starting")
         machine.exit_code = None
-        spec = self.spec
         peers = ",".join(f"{m.id}={m.peer_url}" for m in self.machines.values())
         fleet_env = {"FLY_APP_NAME": spec.app_name, "FLY_REGION": spec.region, "PRIMARY_REGION": spec.region}
         fleet_env.update(AFFINITY_SECRET=spec.secret, AFFINITY_PEERS=peers)
+        if spec.memory_mb is not None:
+            fleet_env["FLY_VM_MEMORY_MB"] = str(spec.memory_mb)
         env = proc.machine_environment(machine, spec.env, fleet_env)
         machine.process = process = proc.spawn(machine, command, env, machine.log_path)
         try:
@@ -291,5 +297,8 @@ class Fleet:
     def _mark_exited(self, machine: Machine) -> None:
         if machine.process is not None:
             machine.exit_code = machine.process.poll()
+            # Workers orphaned by a supervisor that died go with it, as a Fly Machine's processes
+            # do when its main process ends (and the port is free for the next start).
+            proc.signal_group(machine.process, signal.SIGKILL)
             machine.process = None
         self._set_state(machine, "stopped")

@@ -64,6 +64,8 @@ async def _run(plan: LaunchPlan, sock: socket.socket) -> int:
         command=plan.command,
         # Fly sends kill_signal, then SIGKILL after kill_timeout: the image's graceful timeout fits inside it.
         stop_timeout=plan.fly_toml.kill_timeout,
+        workers=plan.workers,
+        memory_mb=plan.fly_toml.vm.memory_mb,
     )
     fleet = Fleet(spec)
     stop = asyncio.Event()
@@ -175,6 +177,7 @@ def banner(fleet: Fleet, config: EdgeConfig, plan: LaunchPlan, port: int) -> str
         f"page:     {edge_url}/_edge/   (live view of machines, sessions and replays)",
         f"status:   {edge_url}/_edge/status",
         f"control:  python -m fly_replay_router.edge machine stop|start|suspend|resume|kill <id> --edge {edge_url}",
+        f"          python -m fly_replay_router.edge worker kill <id> <pid> --edge {edge_url}   (one worker's crash)",
         *_command_lines(fleet, plan),
         f"fly.toml: {plan.fly_toml_source}; idle_timeout {toml.idle_timeout:g}s; replay cache: {rules or 'none'}",
         f"health:   a machine is up once {health} ({plan.health_source}), on 127.0.0.1 and on [::1]",
@@ -190,10 +193,15 @@ def _command_lines(fleet: Fleet, plan: LaunchPlan) -> list[str]:
         return []
     first = managed[0]
     metrics = None if first.metrics_url is None else int(first.metrics_url.rsplit(":", 1)[1])
-    argv = plan.command.argv(app=plan.app, app_dir=plan.app_dir, port=first.port, metrics_port=metrics)
+    argv = plan.command.argv(
+        app=plan.app, app_dir=plan.app_dir, port=first.port, metrics_port=metrics, workers=plan.workers
+    )
+    memory = plan.fly_toml.vm.memory_mb
     return [
         f"command:  {plan.command.source}",
         f"          e.g. {' '.join(argv)}",
+        f"workers:  {plan.workers} worker process{'es' if plan.workers != 1 else ''} per machine "
+        f"({plan.workers_source}); FLY_VM_MEMORY_MB={memory}",
         f"network:  the edge reaches machines on 127.0.0.1 (IPv4, as Fly's proxy); peers on [::1] (IPv6, as 6PN); "
         f"stop waits kill_timeout {plan.fly_toml.kill_timeout:g}s before SIGKILL",
     ]

@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fly_replay_router.edge.workers import worker_pids
+
 MachineState = Literal["starting", "started", "stopping", "stopped", "suspended"]
 # A machine's load against fly.toml's [http_service.concurrency], in requests in flight (an open event
 # stream counts as one, as on Fly): "near_soft_limit" from this share of the soft limit on.
 NEAR_LIMIT = 0.8
 # What a user can ask of a machine (the control surface and its command-line verbs).
 MACHINE_VERBS = ("stop", "start", "suspend", "resume", "kill")
+# What a user can ask of one worker process of a machine (``POST /_edge/machines/<id>/workers/<pid>/kill``).
+WORKER_VERBS = ("kill",)
 
 
 def new_machine_id() -> str:
@@ -77,6 +81,8 @@ class Machine:
     log_path: Path | None = None
     # The machine's private metrics port (the image's --metrics-port), when it serves one.
     metrics_url: str | None = None
+    # Worker processes the machine's command runs (--workers); None for a machine started elsewhere.
+    workers: int | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -97,7 +103,12 @@ class Machine:
         return self.state
 
     def to_json(self, limits: tuple[int, int | None] | None = None) -> dict[str, object]:
-        """The machine's entry in ``GET /_edge/status``; with ``limits`` (soft, hard), its ``load`` too."""
+        """The machine's entry in ``GET /_edge/status``; with ``limits`` (soft, hard), its ``load`` too.
+
+        ``workers`` is how many worker processes its command runs, ``worker_pids`` the live ones
+        (``workers.py``): fewer for a moment after one dies, until its supervisor starts another.
+        """
+        running = self.process if self.process is not None and self.process.poll() is None else None
         entry: dict[str, object] = {
             "id": self.id,
             "url": self.url,
@@ -107,7 +118,9 @@ class Machine:
             "in_flight": self.in_flight,
             "replays_answered": self.replays_answered,
             "managed": self.managed,
-            "pid": self.process.pid if self.process is not None and self.process.poll() is None else None,
+            "pid": running.pid if running is not None else None,
+            "workers": self.workers,
+            "worker_pids": worker_pids(running.pid, self.port) if running is not None else [],
             "exit_code": self.exit_code,
             "log": str(self.log_path) if self.log_path is not None else None,
             "metrics_url": self.metrics_url,

@@ -36,7 +36,7 @@ function machineRow(machine) {
   row.innerHTML =
     '<td class="id"></td><td><span class="state"></span></td><td class="num sessions"></td>' +
     '<td class="num rps"></td><td class="num"><span class="in-flight"></span> <span class="load"></span></td><td class="num requests"></td>' +
-    '<td class="num replays"></td><td class="pid mono"></td><td class="actions"></td>';
+    '<td class="num replays"></td><td class="pid mono"></td><td class="workers"></td><td class="actions"></td>';
   row.querySelector(".id").textContent = machine.id;
   const actions = row.querySelector(".actions");
   for (const verb of VERBS) {
@@ -52,10 +52,10 @@ function machineRow(machine) {
   return row;
 }
 
-async function control(machineId, verb, button) {
+async function control(machineId, verb, button, path = verb) {
   button.disabled = true;
   try {
-    const response = await fetch(`/_edge/machines/${machineId}/${verb}`, { method: "POST" });
+    const response = await fetch(`/_edge/machines/${machineId}/${path}`, { method: "POST" });
     const document_ = await response.json();
     if (!response.ok) alert(`${verb} ${machineId}: ${document_.error || response.status}`);
     else showMachine(document_);
@@ -81,11 +81,43 @@ function showMachine(machine) {
   text(row.querySelector(".requests"), machine.requests);
   text(row.querySelector(".replays"), machine.replays_answered);
   text(row.querySelector(".pid"), machine.pid ?? "—");
+  showWorkers(row, machine);
   const allowed = ALLOWED[machine.state] || [];
-  for (const button of row.querySelectorAll("button")) {
+  for (const button of row.querySelectorAll(".actions button")) {
     const verb = button.dataset.verb;
     button.disabled = !allowed.includes(verb) || (!machine.managed && verb === "kill");
   }
+}
+
+// The worker processes of a machine: how many it runs, and a kill button per live worker (one worker's
+// crash: its sessions end, its siblings' go on, and the supervisor starts another).
+function showWorkers(row, machine) {
+  const cell = row.querySelector(".workers");
+  const pids = machine.worker_pids || [];
+  const running = machine.state === "started" || machine.state === "unreachable";
+  const shown = `${machine.workers ?? ""}|${pids.join(",")}|${running}`;
+  if (cell.dataset.shown === shown) return;
+  cell.dataset.shown = shown;
+  cell.dataset.count = pids.length;
+  if (machine.workers === null || machine.workers === undefined) {
+    cell.replaceChildren("—");
+    return;
+  }
+  const count = document.createElement("span");
+  count.className = "worker-count";
+  count.textContent = `${pids.length}/${machine.workers}`;
+  count.title = `${pids.length} live of the ${machine.workers} worker processes its command runs`;
+  const buttons = pids.map((pid) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.pid = pid;
+    button.textContent = `kill ${pid}`;
+    button.title = `SIGKILL worker ${pid} only: its sessions end, the other workers' go on`;
+    button.disabled = !running;
+    button.addEventListener("click", () => control(machine.id, `kill worker ${pid}`, button, `workers/${pid}/kill`));
+    return button;
+  });
+  cell.replaceChildren(count, ...buttons);
 }
 
 function statusClass(route) {
