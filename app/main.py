@@ -88,16 +88,19 @@ streamable_app = mcp.streamable_http_app(
 sse_app = mcp.sse_app(transport_security=transport_security(settings))
 
 
-@asynccontextmanager
-async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    # A sub-app's own lifespan does not run when its routes live in another app: run it here.
-    async with mcp.session_manager.run():
-        yield
-
-
 # The MCP transports' routes, on their own: the layer goes around these and nothing else.
 mcp_routes: list[BaseRoute] = [*streamable_app.routes, *sse_app.routes]
 mcp_app = Starlette(routes=mcp_routes)
+layer = AffinityMiddleware(mcp_app, settings=settings)
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # A mounted app sees no lifespan of its own: run the SDK's session manager here, and the layer's
+    # hand-over socket, through which sibling workers pass this worker's sessions to it.
+    async with mcp.session_manager.run(), layer.workers.running():
+        yield
+
 
 app = FastAPI(title="fly-replay-router demo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -110,5 +113,5 @@ async def healthz() -> str:
 
 # Mounted at the root, after /healthz: every other path (the MCP ones, and unknown ones that get
 # 404) passes through the layer, with its path unchanged.
-app.router.routes.append(Mount("", app=AffinityMiddleware(mcp_app, settings=settings)))
+app.router.routes.append(Mount("", app=layer))
 app.add_middleware(UncompressedStreamsMiddleware)  # outermost: sees the final response headers

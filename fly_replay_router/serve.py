@@ -31,8 +31,10 @@ missing secret stops the machine with one sentence instead of a worker that rest
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -127,6 +129,7 @@ class FlyServer(uvicorn.Server):
 
 # How the supervisor tells its worker processes what to serve (they are spawned, not forked).
 _WORKER_OPTIONS = "FLY_REPLAY_ROUTER_SERVE"
+_PR_SET_PDEATHSIG = 1
 
 
 def cpu_count() -> int:
@@ -136,11 +139,22 @@ def cpu_count() -> int:
 
 def worker_app() -> ASGIApp:
     """The app of one worker process (a uvicorn app factory): what the supervisor passed it."""
+    _die_with_supervisor()
     app_ref, app_dir, metrics_port = os.environ[_WORKER_OPTIONS].split("\n")
     sys.path.insert(0, app_dir)
     show_layer_logs()
     app: ASGIApp = import_from_string(app_ref)
     return _with_private_metrics(app, int(metrics_port)) if metrics_port else app
+
+
+def _die_with_supervisor() -> None:
+    # uvicorn's workers outlive a supervisor killed with SIGKILL and keep the port: ask the kernel
+    # (Linux's PR_SET_PDEATHSIG) to end this worker with it.
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the supervisor was already gone before the request took effect
+        os._exit(1)
 
 
 def _check_app_imports(options: ServeOptions) -> None:

@@ -11,8 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -181,3 +183,43 @@ def test_with_several_workers_a_missing_secret_on_fly_is_one_sentence_not_a_rest
     assert "fly-replay-router cannot start: AFFINITY_SECRET is not set" in result.stderr
     assert "Traceback" not in result.stderr
     assert "worker" not in result.stderr.lower()  # no worker was started, so none restarts
+
+
+def test_workers_die_with_a_supervisor_killed_by_sigkill() -> None:
+    env = {**os.environ, "FLY_MACHINE_ID": "f0f0f0f0f0f0f0", "AFFINITY_SECRET": "serve-test-secret-0123456789abcdef"}
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "fly_replay_router.serve", "--workers", "2", "--port", str(free_port())],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while len(children := _children(supervisor.pid)) < 2:
+            assert supervisor.poll() is None
+            assert time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.1)
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+    deadline = time.monotonic() + 5
+    while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], "workers outlived their supervisor and would keep the port"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
