@@ -25,18 +25,16 @@ from starlette.datastructures import Headers, QueryParams
 import fly_replay_router.affinity.middleware as middleware_module
 from fly_replay_router import AffinityMiddleware, AffinitySettings
 from fly_replay_router.affinity.carriers import AmbiguousCarrier, find_query_carrier
-from fly_replay_router.affinity.forward import UNREACHABLE, ForwardOutcome
 from fly_replay_router.affinity.token import InvalidToken, SessionToken, TokenCodec
 from fly_replay_router.fly import parse_replay_header
 from tests.conftest import APP_NAME, SECRET, start_machine
-from tests.test_fuzz import EXAMPLES, Inputs, quiet_layer_logs, run_fuzz
+from tests.test_fuzz import EXAMPLES, NOW, FrozenClock, Inputs, RecordingForwarder, quiet_layer_logs, run_fuzz
 
 HERE = "aaaaaaaaaaaaaa"
 OTHER = "bbbbbbbbbbbbbb"
 APP = "carrier-app"
 KEY = "carrier-test-key-0123456789"
 MAX_AGE = 3600.0
-NOW = 1_795_000_000.0
 SETTINGS = AffinitySettings(machine_id=HERE, secret_keys=(KEY,), app_name=APP, max_token_age=MAX_AGE)
 CODEC = TokenCodec((KEY,), app_name=APP)
 INNER = "7da4e80665bd4c6fb73231d63f0c227f"
@@ -287,27 +285,6 @@ def carrier_case(inputs: Inputs) -> CarrierCase:
         headers.append(inputs.pick(((b"transfer-encoding", b"chunked"), (b"content-length", b"2000000"))))
     inputs.shuffle(headers)
     return CarrierCase(inputs.pick(("POST", "POST", "GET", "DELETE")), query.encode("utf-8"), headers)
-
-
-class RecordingForwarder:
-    """Stands in for the network forwarder: records the owner it was asked to reach."""
-
-    def __init__(self) -> None:
-        self.owners: list[str] = []
-
-    async def forward(self, scope: Any, receive: Any, send: Any, *, owner_machine_id: str) -> ForwardOutcome:
-        self.owners.append(owner_machine_id)
-        return UNREACHABLE
-
-
-class FrozenClock:
-    @staticmethod
-    def time() -> float:
-        return NOW
-
-    @staticmethod
-    def monotonic() -> float:
-        return NOW
 
 
 def proves(value: str) -> SessionToken | None:
