@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import httpx
@@ -58,6 +59,7 @@ async def _open_legacy_streams(url: str, count: int, held: contextlib.AsyncExitS
 
 async def session_cost_kb(kind: str, count: int) -> dict[str, Any]:
     """RSS per session of ``kind`` on a fresh demo machine, in KB, with the before/after figures."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of thousands
     machine = start_uvicorn("app.main:app", "5e5510c0575000")
     with running(machine):
         await asyncio.sleep(0.5)
