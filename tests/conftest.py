@@ -87,8 +87,32 @@ def start_machine(
 
     Any HTTP answer counts: the server answers only once the app's lifespan has started. A machine
     that answers on one address family but not the other fails with the path that could not connect.
-    ``command`` replaces the image's (give it ``port`` too).
+    ``command`` replaces the image's (give it ``port`` too). A free port can be taken again before
+    the machine binds it (free_port() only asks the kernel for one that is free now): a machine that
+    finds its chosen port in use is started again on new ones, at most twice.
     """
+    for attempt in range(3):
+        try:
+            return _start_machine(machine_id, app, secret, app_name, extra_env, port, command)
+        except PortTaken:
+            if port is not None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """The machine exited at start because a port chosen for it was taken meanwhile."""
+
+
+def _start_machine(
+    machine_id: str,
+    app: str,
+    secret: str,
+    app_name: str,
+    extra_env: dict[str, str] | None,
+    port: int | None,
+    command: list[str] | None,
+) -> Machine:
     port = port or free_port()
     metrics_port = free_port() if IMAGE_COMMAND.metrics_port is not None else None
     if command is None:
@@ -138,7 +162,9 @@ def _wait_for_both_paths(machine: Machine) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if machine.process.poll() is not None:
-            raise RuntimeError(f"machine {machine.machine_id} exited during start:\n{machine.log()}")
+            log = machine.log()
+            error = PortTaken if "Address already in use" in log else RuntimeError
+            raise error(f"machine {machine.machine_id} exited during start:\n{log}")
         answered = [url for url in paths if _answers(url)]
         if len(answered) == len(paths):
             return
