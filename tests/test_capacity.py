@@ -197,3 +197,44 @@ def test_workers_of_one_vm_share_its_session_budget() -> None:
     assert sessions_for_memory(2048, workers=2) == int((2048 * 0.75 - 200) * 1024 / 100 / 2)
     env = {"AFFINITY_SECRET": KEY, "FLY_VM_MEMORY_MB": "2048", "AFFINITY_WORKERS": "2"}
     assert AffinitySettings.from_env(env).max_sessions == sessions_for_memory(2048, workers=2)
+
+
+def _scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    return {"type": "http", "headers": list(headers), "client": ("198.51.100.9", 5000)}
+
+
+def test_the_client_key_is_flys_client_address_bounded_and_by_64_for_ipv6() -> None:
+    from fly_replay_router.affinity.capacity import UNATTRIBUTED, client_key
+
+    fly = b"fly-client-ip"
+    assert client_key(_scope((fly, b"203.0.113.7"))) == bytes([203, 0, 113, 7])
+    assert client_key(_scope((fly, b"::ffff:203.0.113.7"))) == bytes([203, 0, 113, 7])
+    one = client_key(_scope((fly, b"2001:db8:1:2::1")))
+    assert one == client_key(_scope((fly, b"2001:db8:1:2:ffff:ffff:ffff:ffff")))  # one subscriber's /64
+    assert one != client_key(_scope((fly, b"2001:db8:1:3::1")))
+    assert len(one) == 8
+    # Never the peer, never X-Forwarded-For: without a valid Fly-Client-IP, one shared bucket.
+    assert client_key(_scope((b"x-forwarded-for", b"192.0.2.1"))) == UNATTRIBUTED
+    for garbage in (b"x" * 262_144, b"\xd9\xa3.0.0.1", b"1.2.3.4, 5.6.7.8", b"", b"fe80::1%eth0" + b"0" * 40):
+        assert client_key(_scope((fly, garbage))) == UNATTRIBUTED
+
+
+def test_the_limiter_stays_small_whatever_the_keys_sent() -> None:
+    from fly_replay_router.affinity.capacity import client_key
+
+    limiter = NewSessionLimiter(rate=1.0, burst=1)
+    for n in range(400):
+        limiter.take(client_key(_scope((b"fly-client-ip", b"%d" % n + b"a" * 262_144))), 0.0)
+    assert len(limiter._buckets) == 1
+    assert all(len(key) <= 16 for key in limiter._buckets)
+
+
+def test_numbers_in_headers_are_ascii_digits_only() -> None:
+    from fly_replay_router.affinity.capacity import MAX_FULL_HOPS, full_hops
+    from fly_replay_router.fly import ascii_decimal
+
+    assert ascii_decimal("42", max_digits=2) == 42
+    for text in ("\u0663", "\u00b2", "\uff11", "4\u0662", "", "123", "-1", " 1", "1.0"):
+        assert ascii_decimal(text, max_digits=2) is None, text
+    assert full_hops("full-1") == 1
+    assert full_hops("full-\u00b2") == MAX_FULL_HOPS  # unreadable: as many as the most, never a 500

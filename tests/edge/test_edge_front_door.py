@@ -117,3 +117,24 @@ async def test_trickling_heads_are_answered_408_and_closed_not_held(edge: FleetP
     # The edge still serves.
     async with httpx.AsyncClient() as client:
         assert (await client.get(edge.url + "/echo")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_the_asterisk_form_is_answered_by_the_edge_without_an_internal_address(edge: FleetProcess) -> None:
+    """``OPTIONS *`` names no resource of a machine (RFC 9112 section 3.2.4): the edge answers it, revealing nothing."""
+    reader, writer = await asyncio.open_connection(*_address(edge))
+    try:
+        for method in (b"OPTIONS", b"GET"):
+            writer.write(method + b" * HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(
+                next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1]
+            )
+            body = await asyncio.wait_for(reader.readexactly(length), 30)
+            status = int(head.split(b" ", 2)[1])
+            assert status == (204 if method == b"OPTIONS" else 400), head
+            assert b"127.0.0.1" not in head + body
+            assert b"http://" not in head + body
+    finally:
+        writer.close()

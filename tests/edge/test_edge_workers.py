@@ -221,6 +221,10 @@ def test_only_a_worker_of_that_machine_can_be_killed(fleet: FleetProcess) -> Non
             assert refused.status_code == 404, refused.text
             assert f"process {pid} is not a worker of machine {first['id']}" in refused.json()["error"]
         assert edge.post(f"/_edge/machines/{first['id']}/workers/-1/kill").status_code == 404
+        # Digits int() takes but HTTP's grammar does not (Arabic-Indic, superscript, fullwidth): 404, never 500.
+        for pid in ("\u0661\u0662", "\u00b2", "\uff11", "1" * 40):
+            refused = edge.post(f"/_edge/machines/{first['id']}/workers/{pid}/kill")
+            assert refused.status_code == 404, refused.text
         assert edge.post(f"/_edge/machines/0123456789abcd/workers/{first['worker_pids'][0]}/kill").status_code == 404
         assert edge.get(f"/_edge/machines/{first['id']}/workers/{first['worker_pids'][0]}/kill").status_code == 405
     for pid in (first["pid"], *first["worker_pids"], *second["worker_pids"], fleet.process.pid):
