@@ -13,14 +13,13 @@ supervisor (``supervisor_directory``), and
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from prometheus_client import make_asgi_app
 
 from app.main import app as demo
 from app.main import settings
 from fly_replay_router.affinity.metrics import register_metrics
-from fly_replay_router.affinity.worker_metrics import WorkerFigures, supervisor_directory
+from fly_replay_router.affinity.worker_metrics import active, supervisor_directory
 from fly_replay_router.asgi import ASGIApp, Receive, Scope, Send
 from fly_replay_router.private_metrics import PrivateMetrics
 
@@ -30,18 +29,15 @@ _scrape = make_asgi_app()
 
 
 async def _same_port(scope: Scope, receive: Receive, send: Send) -> None:
-    if scope["type"] == "lifespan":
-        async with WorkerFigures.start(WORKERS_DIR, _no_source).publishing():
+    publisher = active()
+    if scope["type"] == "lifespan" and publisher is not None:
+        async with publisher.publishing():
             await demo(scope, receive, send)
         return
     if scope["type"] == "http" and scope["path"] == "/metrics":
         await _scrape(scope, receive, send)
         return
     await demo(scope, receive, send)
-
-
-def _no_source() -> Any:
-    raise AssertionError("register_metrics() started this process's publisher already")
 
 
 app: ASGIApp = (

@@ -2,7 +2,8 @@
 
 A panel whose query names a metric nobody exports shows "No data" forever, and nothing else says
 so: a renamed metric would silently blank the operator's view. The names come from scraping the
-image's command, not from a list kept beside the dashboard.
+image's command, not from a list kept beside the dashboard. The metrics reference in
+docs/operate.md is checked against the same scrape, both ways.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import ROOT, Machine, start_machine
 
 DASHBOARD = ROOT / "docs" / "grafana" / "fly-replay-router.json"
+OPERATE = ROOT / "docs" / "operate.md"
+_HISTOGRAM_SAMPLES = ("_bucket", "_sum", "_count")
 # What is left of a PromQL expression once strings, label matchers, ranges and grouping are removed:
 # functions (followed by "("), operators' keywords, and metric names.
 _STRIPPED = (
@@ -121,3 +124,18 @@ def test_the_dashboard_shows_what_the_operator_needs() -> None:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "app", "region", "machine"}
+
+
+def test_the_metrics_reference_lists_every_metric_the_layer_exports_and_no_other(
+    exported: tuple[set[str], set[str]],
+) -> None:
+    names, _ = exported
+    layer = {name for name in names if name.startswith("affinity_")}
+    rows = re.findall(r"^\| `(affinity_[a-z_]+)` \| (counter|gauge|histogram) \|", OPERATE.read_text(), re.MULTILINE)
+    documented = {name: kind for name, kind in rows}
+    covered: set[str] = set()
+    for name, kind in documented.items():
+        samples = {name + suffix for suffix in _HISTOGRAM_SAMPLES} if kind == "histogram" else {name}
+        assert samples <= layer, f"docs/operate.md lists {name}, which a scrape does not have"
+        covered |= samples
+    assert layer <= covered, f"not in docs/operate.md: {sorted(layer - covered)}"

@@ -144,7 +144,8 @@ def metric_families(figures: Figures, workers: int) -> Iterator[Any]:
     )
     yield _by_reason(
         "affinity_forward_failures",
-        "Forwards to a session's owner machine that failed, by reason (answer_cut_short: it had begun).",
+        "Forwards to a session's owner machine that failed, by reason (answer_cut_short: it had begun; "
+        "owner_unreachable also counts replays Fly could not deliver).",
         machines,
         decisions,
         [("forwarded" if reason == forward.ANSWER_CUT.reason else "rejected", reason) for reason in FORWARD_FAILURES],
