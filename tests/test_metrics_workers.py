@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fly_replay_router.affinity.worker_metrics import supervisor_directory
 from fly_replay_router.settings import sessions_for_memory
 from tests.conftest import APP_NAME, ROOT, SECRET, free_port
 from tests.mcp_http import open_session, session_headers, tool_call, tool_text
@@ -101,6 +103,9 @@ def machine(request: pytest.FixtureRequest) -> Iterator[TwoWorkerMachine]:
         yield started
     finally:
         started.stop()
+        # uvicorn's and gunicorn's workers named their directory after their supervisor (the launcher removes its own).
+        for directory in Path(supervisor_directory(MACHINE)).parent.glob(f"metrics-{process.pid}-*"):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _workers_seen(machine: TwoWorkerMachine) -> int:

@@ -5,17 +5,16 @@ reason), the hand-over latency histogram per machine, and the sessions held agai
 metric families an operator reads are views of those figures, computed at scrape time, so the
 hot path counts each decision once:
 
-=========================================== ======= ==================================================
-``affinity_decisions_total``                counter every request the layer routed, by outcome and reason
-``affinity_handover_duration_seconds``      histo.  requests handed to their owner worker, until its answer ended
-``affinity_handover_failures_total``        counter hand-overs that could not be made, by reason
-``affinity_forward_failures_total``         counter forwards to an owner machine that failed, by reason
-``affinity_new_sessions_refused_total``     counter new sessions refused (429 too fast, 503 every machine full)
-``affinity_new_sessions_sent_elsewhere_total`` counter new sessions replayed away from a full machine
-``affinity_sessions_held``                  gauge   sessions held now, by transport
-``affinity_sessions_max``                   gauge   the cap on them (absent when uncapped)
-``affinity_worker_processes``               gauge   live worker processes whose figures this scrape sums
-=========================================== ======= ==================================================
+- ``affinity_decisions_total`` (counter): every request the layer routed, by outcome and reason;
+- ``affinity_handover_duration_seconds`` (histogram): requests handed to their owner worker, until
+  its answer ended;
+- ``affinity_handover_failures_total`` (counter): hand-overs that could not be made, by reason;
+- ``affinity_forward_failures_total`` (counter): forwards to an owner machine that failed, by reason;
+- ``affinity_new_sessions_refused_total`` (counter): new sessions refused (429 too fast, 503 all full);
+- ``affinity_new_sessions_sent_elsewhere_total`` (counter): new sessions replayed away from a full machine;
+- ``affinity_sessions_held`` (gauge): sessions held now, by transport; ``affinity_sessions_max``
+  (gauge): the cap on them (absent when uncapped);
+- ``affinity_worker_processes`` (gauge): live worker processes whose figures this scrape sums.
 
 Counters of a fixed label set start at 0, so that a rate exists before the first event.
 """
