@@ -57,6 +57,7 @@ class WorkerFigures:
         self.name = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._lock_fd: int | None = None
         self._pid = os.getpid()
+        self._published = ""
 
     @classmethod
     def start(cls, directory: str, source: Callable[[], Figures]) -> WorkerFigures:
@@ -70,6 +71,7 @@ class WorkerFigures:
         """Write this worker's figures to its file (atomically: a reader sees the old or the new)."""
         if self._pid != os.getpid():  # a forked copy (gunicorn --preload) is a worker of its own
             self._pid, self.name, self._lock_fd = os.getpid(), f"{os.getpid()}-{secrets.token_hex(4)}", None
+            self._published = ""
         if self._lock_fd is None:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = self.directory.lstat()
@@ -79,9 +81,12 @@ class WorkerFigures:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._lock_fd = fd
         text = json.dumps(self.source().to_json(), separators=(",", ":"))
+        if text == self._published:
+            return  # an idle worker writes nothing
         temporary = self.directory / f".{self.name}.tmp"
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, self.directory / f"{self.name}{_FIGURES_SUFFIX}")
+        self._published = text
 
     def machine_figures(self) -> tuple[Figures, int]:
         """Every worker's figures summed (this one's as of now), and how many workers are alive."""
