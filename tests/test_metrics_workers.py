@@ -77,6 +77,10 @@ class TwoWorkerMachine:
 
 @pytest.fixture(params=sorted(SERVERS))
 def machine(request: pytest.FixtureRequest) -> Iterator[TwoWorkerMachine]:
+    yield from _machine(request.param)
+
+
+def _machine(server: str) -> Iterator[TwoWorkerMachine]:
     port, metrics = free_port(), free_port()
     env = {
         **os.environ,
@@ -88,13 +92,13 @@ def machine(request: pytest.FixtureRequest) -> Iterator[TwoWorkerMachine]:
         "FLY_VM_MEMORY_MB": "512",
         "AFFINITY_WORKER_SOCKET_DIR": tempfile.mkdtemp(prefix="metrics-workers-") + "/sockets",
     }
-    if request.param == "gunicorn":
+    if server == "gunicorn":
         env["METRICS_PORT"] = str(metrics)
-    log = tempfile.NamedTemporaryFile(prefix=f"metrics-{request.param}-", suffix=".log", delete=False)  # noqa: SIM115
-    command = [sys.executable, *(part.format(port=port, metrics=metrics) for part in SERVERS[request.param])]
+    log = tempfile.NamedTemporaryFile(prefix=f"metrics-{server}-", suffix=".log", delete=False)  # noqa: SIM115
+    command = [sys.executable, *(part.format(port=port, metrics=metrics) for part in SERVERS[server])]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
-    scrape_port = port if request.param == "uvicorn" else metrics
+    scrape_port = port if server == "uvicorn" else metrics
     started = TwoWorkerMachine(
         f"http://127.0.0.1:{port}", f"http://127.0.0.1:{scrape_port}/metrics", process, Path(log.name)
     )
@@ -240,3 +244,35 @@ def test_a_worker_killed_keeps_its_counts_and_drops_its_sessions(machine: TwoWor
 
 def _workers_alive(machine: TwoWorkerMachine) -> float:
     return machine.scrape().get(f'affinity_worker_processes{{machine="{MACHINE}"}}', 0.0)
+
+
+def _workers_dir(machine: TwoWorkerMachine) -> Path:
+    """The directory the launcher gave its workers (in their environment)."""
+    pid = next(iter(machine.workers))
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    (options,) = [entry for entry in environ if entry.startswith(b"FLY_REPLAY_ROUTER_SERVE=")]
+    return Path(options.decode().split("\n")[3])
+
+
+@pytest.mark.parametrize("machine", ["launcher"], indirect=True)
+def test_a_machine_started_again_counts_from_zero_and_its_directory_is_gone(
+    machine: TwoWorkerMachine, request: pytest.FixtureRequest
+) -> None:
+    load = Load(machine)
+    load.open_sessions(2)
+    _until(lambda: _matches(machine, load), machine, "the first run's figures", 15)
+    directory = _workers_dir(machine)
+    assert len(list(directory.glob("*.json"))) == 2  # one file per worker
+    machine.stop()
+    assert not directory.exists()  # removed with the supervisor: nothing left for the next run
+
+    again = request.getfixturevalue("machine_again")
+    fresh = Load(again)
+    _until(lambda: _matches(again, fresh), again, "a new run counts its own requests only", 15)
+    assert _workers_dir(again) != directory
+
+
+@pytest.fixture
+def machine_again() -> Iterator[TwoWorkerMachine]:
+    """The same machine started again: one more run of the launcher, with the same machine id."""
+    yield from _machine("launcher")
