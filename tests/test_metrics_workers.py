@@ -227,10 +227,15 @@ def test_a_worker_killed_keeps_its_counts_and_drops_its_sessions(machine: TwoWor
         response = load.call(token)
         assert response.status_code == (200 if token in survivors else 404), response.text
         history.append(machine.scrape())
-    _until(lambda: _workers_alive(machine) == 2, machine, "a new worker replaces the killed one")
-    for _ in range(4):
-        _sessionless_worker(load.url)
+    known = set(owners.values())
+
+    def replacement_answers() -> bool:
+        pid = _sessionless_worker(load.url)
         load.passed += 1
+        return pid not in known
+
+    _until(replacement_answers, machine, "a new worker replaces the killed one")
+    _until(lambda: _workers_alive(machine) == 2, machine, "two live workers: the replacement, not the killed one")
     _until(lambda: _matches(machine, load), machine, "the counts of the killed worker still summed", 15)
     # Every request for the killed worker's sessions reached a worker that could not hand it over: 404.
     lost = len(load.tokens) - len(survivors)
