@@ -5,6 +5,7 @@
 
 const CHART_WINDOW_SECONDS = 300;
 const CHART_SAMPLE_SECONDS = 1;
+const CHART_MIN_SPAN = 30;
 const CHART_WIDTH = 300;
 const CHART_HEIGHT = 80;
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -59,6 +60,9 @@ function drawChart(chart, machineIds) {
   const svg = document.getElementById(chart.id);
   if (!svg) return;
   const newest = chartHistory.length ? chartHistory[chartHistory.length - 1].at : 0;
+  // The time axis grows with the history (at least CHART_MIN_SPAN seconds) until it spans the window.
+  const oldest = chartHistory.length ? chartHistory[0].at : 0;
+  const span = Math.max(CHART_MIN_SPAN, Math.min(CHART_WINDOW_SECONDS, newest - oldest));
   let max = 0;
   for (const sample of chartHistory) {
     for (const id of machineIds) max = Math.max(max, sample.values[id]?.[chart.key] ?? 0);
@@ -66,7 +70,7 @@ function drawChart(chart, machineIds) {
   const top = niceCeiling(max);
   svg.dataset.top = top;
   const scale = svg.parentElement.querySelector(".chart-top");
-  if (scale) scale.textContent = `${top} ${chart.unit}`;
+  if (scale) scale.textContent = `0–${top} ${chart.unit}, last ${Math.round(span)} s`;
   for (const id of machineIds) {
     let line = svg.querySelector(`polyline[data-machine="${id}"]`);
     if (!line) {
@@ -80,7 +84,7 @@ function drawChart(chart, machineIds) {
     for (const sample of chartHistory) {
       if (!(id in sample.values)) continue;
       last = sample.values[id][chart.key];
-      const x = CHART_WIDTH - ((newest - sample.at) / CHART_WINDOW_SECONDS) * CHART_WIDTH;
+      const x = CHART_WIDTH - ((newest - sample.at) / span) * CHART_WIDTH;
       const y = CHART_HEIGHT - (last / top) * (CHART_HEIGHT - 2) - 1;
       points.push(`${x.toFixed(1)},${y.toFixed(1)}`);
     }
