@@ -9,6 +9,8 @@ examples use a port no service exposes (9091).
 ``PrivateMetrics`` wraps the app that one uvicorn server runs on all its sockets: a request that
 arrived on the metrics port is answered from ``prometheus_client``'s registry and never reaches the
 app (so a scrape is not a routing decision); every other request, and the lifespan, goes to the app.
+On a machine of several workers (``register_metrics(workers_dir=...)``), the lifespan also keeps
+this worker's figures published for its siblings (``fly_replay_router.affinity.worker_metrics``).
 
 References: Fly "Metrics on Fly.io" (https://fly.io/docs/monitoring/metrics/), the ``[metrics]``
 section of Fly's app configuration (https://fly.io/docs/reference/configuration/#the-metrics-section),
@@ -17,9 +19,10 @@ the ASGI HTTP connection scope (``server``: https://asgi.readthedocs.io/en/lates
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
-from fly_replay_router.asgi import ASGIApp, Receive, Scope, Send
+from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -54,6 +57,9 @@ class PrivateMetrics:
         self.registry = REGISTRY if registry is None else registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
         if scope["type"] in ("http", "websocket") and _local_port(scope) == self.metrics_port:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
@@ -61,6 +67,28 @@ class PrivateMetrics:
             await self._serve_metrics(scope, send)
             return
         await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from fly_replay_router.affinity.worker_metrics import active
+
+        figures = active()
+        if figures is None:
+            await self.app(scope, receive, send)
+            return
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def send_started(message: Message) -> None:
+                if message["type"] == "lifespan.startup.complete":
+                    await stack.enter_async_context(figures.publishing())
+                await send(message)
+
+            async def receive_stopping() -> Message:
+                message = await receive()
+                if message["type"] == "lifespan.shutdown":
+                    await stack.aclose()  # the last figures published before the app shuts down
+                return message
+
+            await self.app(scope, receive_stopping, send_started)
 
     async def _serve_metrics(self, scope: Scope, send: Send) -> None:
         from prometheus_client.exposition import choose_encoder

@@ -25,7 +25,11 @@ shuts down.
 runs N processes on the same sockets under uvicorn's supervisor, which restarts a worker that dies.
 The affinity layer keeps each session on the worker that holds it (README "Several workers per
 machine"). The supervisor checks once, in a short-lived process, that the app imports, so that a
-missing secret stops the machine with one sentence instead of a worker that restarts forever.
+missing secret stops the machine with one sentence instead of a worker that restarts forever; it
+checks that ``prometheus-client`` is there for ``--metrics-port`` for the same reason. With
+``--metrics-port`` and several workers, it creates an empty directory for the run in which every
+worker publishes its figures, so that a scrape, whichever worker answers it, sums the machine's
+(``fly_replay_router.affinity.worker_metrics``); the directory is removed when the supervisor ends.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ import argparse
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,11 +146,11 @@ def cpu_count() -> int:
 def worker_app() -> ASGIApp:
     """The app of one worker process (a uvicorn app factory): what the supervisor passed it."""
     _die_with_supervisor()
-    app_ref, app_dir, metrics_port = os.environ[_WORKER_OPTIONS].split("\n")
+    app_ref, app_dir, metrics_port, workers_dir = os.environ[_WORKER_OPTIONS].split("\n")
     sys.path.insert(0, app_dir)
     show_layer_logs()
     app: ASGIApp = import_from_string(app_ref)
-    return _with_private_metrics(app, int(metrics_port)) if metrics_port else app
+    return _with_private_metrics(app, int(metrics_port), workers_dir) if metrics_port else app
 
 
 def _die_with_supervisor() -> None:
@@ -189,7 +195,14 @@ def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]
         app: ASGIApp | str
         if options.workers > 1:
             _check_app_imports(options)
-            os.environ[_WORKER_OPTIONS] = "\n".join([options.app, options.app_dir, str(options.metrics_port or "")])
+            workers_dir = ""
+            if options.metrics_port is not None:
+                _check_metrics_client()
+                # New and empty for this run: a counter starts from 0 only when the machine does.
+                workers_dir = tempfile.mkdtemp(prefix="fly-replay-router-metrics-")
+            os.environ[_WORKER_OPTIONS] = "\n".join(
+                [options.app, options.app_dir, str(options.metrics_port or ""), workers_dir]
+            )
             # The workers share the VM's memory: each sizes its session budget to its share.
             os.environ["AFFINITY_WORKERS"] = str(options.workers)
             app = "fly_replay_router.serve:worker_app"
@@ -236,15 +249,25 @@ def show_layer_logs() -> None:
     layer.propagate = False  # once, whatever the app does with the root logger
 
 
-def _with_private_metrics(app: ASGIApp, metrics_port: int) -> ASGIApp:
+_NEEDS_METRICS_CLIENT = "--metrics-port needs prometheus-client: pip install 'fly-replay-router[metrics]'"
+
+
+def _check_metrics_client() -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ValueError(_NEEDS_METRICS_CLIENT) from None
+
+
+def _with_private_metrics(app: ASGIApp, metrics_port: int, workers_dir: str = "") -> ASGIApp:
     try:
         from fly_replay_router.affinity.metrics import register_metrics
         from fly_replay_router.private_metrics import PrivateMetrics
 
-        register_metrics()
+        register_metrics(workers_dir=workers_dir or None)
         return PrivateMetrics(app, metrics_port=metrics_port)
     except ImportError:
-        raise ValueError("--metrics-port needs prometheus-client: pip install 'fly-replay-router[metrics]'") from None
+        raise ValueError(_NEEDS_METRICS_CLIENT) from None
 
 
 def _address(host: str, port: int) -> str:
@@ -333,7 +356,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         for host, _family, purpose in LISTEN_ADDRESSES:
             logger.info("Serving %s on http://%s (%s)", options.app, _address(host, options.port), purpose)
         logger.info("%d worker processes; each session sticks to the one that holds it", options.workers)
-        Multiprocess(server.config, sockets=sockets).run()
+        try:
+            Multiprocess(server.config, sockets=sockets).run()
+        finally:
+            workers_dir = os.environ[_WORKER_OPTIONS].split("\n")[3]
+            if workers_dir:
+                shutil.rmtree(workers_dir, ignore_errors=True)
         return
     server.run(sockets=sockets)
 

@@ -87,6 +87,7 @@ class AffinityMiddleware:
             rate=settings.new_session_rate,
             burst=settings.new_session_burst,
         )
+        self._counts.watch(self._admission)
         # Several worker processes per machine: which one owns a session (fly_replay_router.affinity.workers).
         self.workers = WorkerChannel(worker_socket_dir(settings), serve=self, lazy=settings.workers > 1)
         self._served_by_values: dict[tuple[str, str], bytes] = {}
@@ -325,7 +326,9 @@ class AffinityMiddleware:
         if isinstance(decision, Serve):
             return decision.inner_session_id
         owner = f"{self.settings.machine_id}/{decision.owner_worker if isinstance(decision, HandOver) else '-'}"
+        started = time.perf_counter()
         if isinstance(decision, HandOver) and await self.workers.hand_over(scope, receive, send, decision.owner_worker):
+            self._counts.handover(time.perf_counter() - started)
             self._record(scope, "handed_over", "", owner)
             return None
         self._reject(scope, decision.reason if isinstance(decision, Reject) else "worker_gone", owner)

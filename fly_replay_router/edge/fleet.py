@@ -145,12 +145,25 @@ class Fleet:
             self._mark_exited(machine)
 
     async def start_all(self) -> None:
-        """Start every stopped managed machine concurrently; raise the first failure after all tried."""
+        """Start every stopped managed machine concurrently; raise the first failure as soon as it happens.
+
+        A machine whose process exits while starting fails at once (``MachineStartError`` with its exit
+        code and the end of its log); the machines still starting are then stopped, not waited for.
+        """
         machines = [m for m in self.machines.values() if m.managed and m.state == "stopped"]
-        results = await asyncio.gather(*(self.start(m.id) for m in machines), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        starting = [asyncio.ensure_future(self.start(m.id)) for m in machines]
+        if not starting:
+            return
+        try:
+            done, _ = await asyncio.wait(starting, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in starting:
+                task.cancel()
+            await asyncio.gather(*starting, return_exceptions=True)
+        for task in starting:
+            error = task.exception() if task in done else None
+            if error is not None:
+                raise error
 
     async def start(self, machine_id: str) -> Machine:
         """Start a stopped machine (once it passes its health check) or resume a suspended one.

@@ -1,6 +1,7 @@
 """The live edge page: ``GET /_edge/`` (HTML), ``/_edge/static/<file>`` (its JS and CSS), ``/_edge/events`` (SSE).
 
-No build step and no CDN: three files shipped in the package (``fly_replay_router/edge/static/``). The feed is
+No build step and no CDN: four files shipped in the package (``fly_replay_router/edge/static/``); the
+charts of the last minutes are inline SVG the page draws from the feed (``charts.js``). The feed is
 cheap whatever the request rate: every ``FEED_INTERVAL`` seconds each open page gets one ``data:``
 message holding the status document (``EdgeStatus.to_json``) with at most ``FEED_ROUTES`` of the
 newest routing events since its previous message, and a count of those left out. At 1,000
@@ -23,6 +24,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "edge.js": "text/javascript; charset=utf-8",
+    "charts.js": "text/javascript; charset=utf-8",
     "edge.css": "text/css; charset=utf-8",
 }
 FEED_INTERVAL = 0.25

@@ -2,7 +2,8 @@
 
 Everything here is cheap on the proxy's hot path (a counter, a tuple appended to a bounded deque)
 and does its work when a document is built, a few times a second at most: requests per second per
-machine come from counter samples taken then, not from per-request bookkeeping.
+machine (and replays each machine answered per second) come from counter samples taken then, not
+from per-request bookkeeping.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class EdgeStatus:
     routes: deque[RouteEvent] = field(default_factory=lambda: deque(maxlen=ROUTE_TRAIL))
     route_seq: int = 0
     sessions: SessionBook = field(default_factory=SessionBook)
-    _samples: deque[tuple[float, dict[str, int]]] = field(default_factory=lambda: deque(maxlen=32))
+    _samples: deque[tuple[float, dict[str, tuple[int, int]]]] = field(default_factory=lambda: deque(maxlen=32))
 
     def record(self, kind: str, detail: str) -> None:
         """Keep an event for the live view (the last 200)."""
@@ -93,7 +94,7 @@ class EdgeStatus:
         for machine in fleet.machines.values():
             entry = machine.to_json(limits)
             entry["sessions"] = self.sessions.count(machine.id)
-            entry["requests_per_second"] = rates.get(machine.id, 0.0)
+            entry["requests_per_second"], entry["replays_per_second"] = rates.get(machine.id, (0.0, 0.0))
             machines.append(entry)
         fresh = [r for r in self.routes if routes_after is None or r[0] > routes_after]
         return {
@@ -117,10 +118,10 @@ class EdgeStatus:
             "routes_skipped": max(0, len(fresh) - max_routes),
         }
 
-    def _rates(self, fleet: Fleet) -> dict[str, float]:
-        """Requests per second per machine over the last ``RATE_WINDOW`` seconds, from counter samples."""
+    def _rates(self, fleet: Fleet) -> dict[str, tuple[float, float]]:
+        """(requests, replays answered) per second per machine over the last ``RATE_WINDOW`` seconds."""
         now = time.monotonic()
-        counts = {machine.id: machine.requests for machine in fleet.machines.values()}
+        counts = {machine.id: (machine.requests, machine.replays_answered) for machine in fleet.machines.values()}
         if not self._samples or now - self._samples[-1][0] >= 0.2:
             self._samples.append((now, counts))
         base_time, base = self._samples[0]
@@ -131,7 +132,12 @@ class EdgeStatus:
         elapsed = now - base_time
         if elapsed < 0.2:
             return {}
-        return {mid: round((count - base.get(mid, count)) / elapsed, 1) for mid, count in counts.items()}
+        rates = {}
+        for mid, (requests, replays) in counts.items():
+            requests_before, replays_before = base.get(mid, (requests, replays))
+            per_second = (requests - requests_before) / elapsed, (replays - replays_before) / elapsed
+            rates[mid] = (round(per_second[0], 1), round(per_second[1], 1))
+        return rates
 
 
 def _route_json(route: RouteEvent) -> dict[str, object]:

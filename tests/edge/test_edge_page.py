@@ -1,8 +1,10 @@
 """The live edge page in a real browser (headless Chromium from Debian, driven by Playwright).
 
 A user opens ``/_edge/`` on a running fleet, runs an MCP session, and sees its machine's session
-count and the replays appear; presses "suspend" and sees the state change; the session then
-continues. ``EDGE_PAGE_SCREENSHOT=path`` keeps a screenshot of the page (the README's picture).
+count and the replays appear, in the table and in the charts; presses "suspend" and sees the state
+change; the session then continues. Under a load, the charts draw requests and replays per second
+per machine, from the page alone (nothing fetched but the edge's own files).
+``EDGE_PAGE_SCREENSHOT=path`` keeps a screenshot of the page (the README's picture).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -73,6 +76,8 @@ async def test_watch_a_session_stick_then_suspend_its_machine(
             assert [_text(await client.call_tool("count", {})) for _ in range(3)] == ["1", "2", "3"]
             row = page.locator(f'tr[data-machine="{owner}"]')
             await expect(row.locator(".sessions")).to_have_text("1")
+            held = page.locator(f'#chart-sessions polyline[data-machine="{owner}"]')
+            await expect(held).to_have_attribute("data-last", "1")
 
             # One call lands on another machine: the page shows it replayed to the owner.
             other = next(m for m in machines if m != owner)
@@ -179,3 +184,46 @@ async def test_the_page_shows_a_machine_near_its_soft_limit(
             title = await load.get_attribute("title")
         await expect(load).to_have_text("")
     assert title == "soft limit 5, hard limit 10 (fly.toml)"
+
+
+async def test_the_charts_draw_requests_and_replays_per_second_per_machine(
+    make_probes, make_edge, chromium: Path, tmp_path: Path
+) -> None:
+    a, b = make_probes(2)
+    edge = make_edge([a, b])
+    # Every request lands on a, which answers fly-replay: the edge replays it to b.
+    replayed = {"fly-force-instance-id": a.id, f"x-probe-replay-{a.id}": f"instance={b.id}"}
+    fetched: list[str] = []
+    busy = anyio.Event()
+
+    async def load(client: httpx.AsyncClient) -> None:
+        while not busy.is_set():
+            assert (await client.get("/work", headers=replayed)).status_code == 200
+
+    def line(chart: str, machine_id: str) -> Any:
+        return page.locator(f'#chart-{chart} polyline[data-machine="{machine_id}"]')
+
+    async with browser_page(chromium, tmp_path / "profile") as page:
+        page.on("request", lambda request: fetched.append(request.url))
+        await page.goto(f"{edge.url}/_edge/")
+        await expect(page.locator("#connection")).to_have_text("live")
+        await expect(page.locator("#chart-legend li")).to_have_count(2)
+        moving = re.compile(r"^[1-9][0-9.]*$")  # a rate above zero
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client, anyio.create_task_group() as group:
+            group.start_soon(load, client)
+            await expect(line("requests", a.id)).to_have_attribute("data-last", moving)
+            await expect(line("requests", b.id)).to_have_attribute("data-last", moving)
+            await expect(line("replays", a.id)).to_have_attribute("data-last", moving)
+            await expect(line("replays", b.id)).to_have_attribute("data-last", "0")  # b served, never replayed
+            await expect(page.locator("#chart-requests")).to_have_attribute("data-top", moving)
+            points = int(await line("requests", a.id).get_attribute("data-points") or 0)
+            busy.set()
+        # The load stopped: the rate falls back to zero, the line goes on with new points.
+        await expect(line("requests", a.id)).to_have_attribute("data-last", "0", timeout=15_000)
+        assert int(await line("requests", a.id).get_attribute("data-points") or 0) > points
+        drawn = await line("requests", a.id).get_attribute("points")
+    assert drawn is not None
+    assert len(drawn.split()) > points
+    # Drawn by the page itself: nothing but the edge's own page, files and feed was fetched.
+    assert fetched, "the page fetched nothing"
+    assert all(url.startswith(f"{edge.url}/_edge/") for url in fetched), fetched

@@ -214,6 +214,7 @@ function connect() {
     for (const machine of status.machines) showMachine(machine);
     if (status.routes.length) addRoutes(status.routes, status.routes_skipped);
     showEvents(status.recent_events);
+    updateCharts(status); // charts.js
   };
 }
 
