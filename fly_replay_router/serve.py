@@ -23,9 +23,9 @@ shuts down.
 
 ``--workers N`` (default: the CPUs this process may run on, so a machine of N CPUs runs N workers)
 runs N processes on the same sockets under uvicorn's supervisor, which restarts a worker that dies.
-The affinity layer keeps each session on the worker that holds it (README "Several workers per
-machine"). The supervisor checks once, in a short-lived process, that the app imports, so that a
-missing secret stops the machine with one sentence instead of a worker that restarts forever.
+The affinity layer keeps each session on the worker that holds it (``docs/workers.md``). The
+supervisor checks once, in a short-lived process, that the app imports, so that a missing secret
+stops the machine with one sentence instead of a worker that restarts forever.
 """
 
 from __future__ import annotations
