@@ -15,8 +15,8 @@ account of the rules; in short:
 - The set-up line and ``pytest`` commands are checked, not run; a block titled
   ``Not run by the tests: <reason>`` is skipped, and the set of those is kept small.
 
-Run one page by hand: ``unshare -rn sh -c 'ip link set lo up && exec .venv/bin/python -m
-tests.test_docs_blocks docs/getting-started.md'``.
+Run one page by hand: ``unshare -rn --pid --fork --kill-child --mount-proc sh -c 'ip link set lo up &&
+.venv/bin/python -m tests.test_docs_blocks docs/getting-started.md'``.
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ class Reader:
     env: dict[str, str]
     servers: list[Server] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def note(self, line: str) -> None:
+        self.log.append(f"{time.monotonic() - self.started:6.1f}s  {line}")
 
     # --- blocks --------------------------------------------------------------------------------
 
@@ -109,7 +113,7 @@ class Reader:
         name = block.title if block.title.endswith(".py") else f"block_{block.line}.py"
         program = self.workdir / name
         program.write_text(block.text)
-        self.log.append(f"{block.where}: python {name}")
+        self.note(f"{block.where}: python {name}")
         result = subprocess.run(
             [sys.executable, str(program)], cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=60
         )
@@ -127,7 +131,7 @@ class Reader:
         differences = compare_fields(json.loads(block.text), answer, "")
         if differences:
             raise DocFailure(f"{block.where}: {block.title} of `{server.command}` differs: " + "; ".join(differences))
-        self.log.append(f"{block.where}: {block.title} has the fields shown")
+        self.note(f"{block.where}: {block.title} has the fields shown")
 
     # --- commands ------------------------------------------------------------------------------
 
@@ -136,20 +140,20 @@ class Reader:
         set_up = _SET_UP.match(command)
         if set_up:
             check_extra_installed(where, set_up.group("extra"))
-            self.log.append(f"{where}: set-up checked (the extra {set_up.group('extra')} is installed)")
+            self.note(f"{where}: set-up checked (the extra {set_up.group('extra')} is installed)")
             if not set_up.group("rest"):
                 return
             command = set_up.group("rest")
         words = shlex.split(command)
         if "pytest" in words:
             check_pytest_command(where, command, words)
-            self.log.append(f"{where}: pytest command checked")
+            self.note(f"{where}: pytest command checked")
             return
         port = server_port(words)
         if port is not None:
             self.start_server(where, command, port, sample)
             return
-        self.log.append(where)
+        self.note(where)
         result = subprocess.run(
             ["bash", "-c", reader_form(command)],
             cwd=self.workdir,
@@ -169,7 +173,7 @@ class Reader:
     def start_server(self, where: str, command: str, port: int, sample: str | None, *, retry: bool = True) -> None:
         for running in list(self.servers):
             if running.port == port and running.command == command and running.process.poll() is None:
-                self.log.append(f"{where}: already serving (started at {running.where})")
+                self.note(f"{where}: already serving (started at {running.where})")
                 if sample is not None:
                     self.wait_for_labels(where, running, sample)
                 return
@@ -195,10 +199,10 @@ class Reader:
             # The edge picks each machine's ports free at that moment, one after another, and can pick one
             # twice; the same start again draws new ones (the tests' own machines retry the same way).
             self.servers.remove(server)
-            self.log.append(f"{where}: started again: a port it picked was taken ({exc})")
+            self.note(f"{where}: started again: a port it picked was taken ({exc})")
             self.start_server(where, command, port, sample, retry=False)
             return
-        self.log.append(f"{where}: serving on port {port}")
+        self.note(f"{where}: serving on port {port}")
         if sample is not None:
             self.wait_for_labels(where, server, sample)
 
@@ -243,7 +247,7 @@ class Reader:
             time.sleep(0.1)
         if left:
             raise DocFailure(f"{server.where}: machine processes {left} were left running after Ctrl-C")
-        self.log.append(f"{server.where}: stopped by Ctrl-C")
+        self.note(f"{server.where}: stopped by Ctrl-C")
 
     def stop_all(self) -> None:
         failures = []
@@ -486,12 +490,18 @@ def runnable(page: Path) -> bool:
 def test_every_block_of_the_page_does_what_the_page_says(page: Path) -> None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.fail("the doc blocks run in a network namespace of their own: install util-linux and iproute2")
+    # Its own network (the ports the page names are free) and its own PID namespace (killed with it, so
+    # nothing a page started outlives a failed or timed-out run).
     command = [
         "unshare",
         "-rn",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
         "sh",
         "-c",
-        'ip link set lo up && exec "$0" -m tests.test_docs_blocks "$1"',
+        'ip link set lo up && "$0" -m tests.test_docs_blocks "$1"',
         sys.executable,
         str(page),
     ]
