@@ -99,6 +99,7 @@ CANDIDATES = {
     "str": ["e0e0e0e0e0e0e0", "cached", "/tmp/docs-probe", "http://{machine_id}.probe:1", "probe"],
     "float": ["7", "off"],
     "int": ["7", "off"],
+    "bool": ["1", "true", "on", "0", "false", "off"],
     "tuple[str, ...]": ["probe.example.com", "docs-probe-secret-0002,docs-probe-secret-0003"],
     "tuple[tuple[str, str], ...]": ["e0e0e0e0e0e0e0=http://probe:1"],
 }
