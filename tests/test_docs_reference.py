@@ -249,7 +249,15 @@ def test_every_rejection_reason_has_a_row_and_every_row_is_a_reason() -> None:
     assert not missing, f"{where(table)}: no row for the reason(s) " + ", ".join(
         f"`{reason}` (given at {found[reason]})" for reason in missing
     )
-    unknown = sorted(set(documented) - set(found))
+    # A row the scan did not see may still name a reason given some other way: it must at least be a
+    # string the layer's code holds.
+    literals = {
+        node.value
+        for path in (ROOT / "fly_replay_router" / "affinity").glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    unknown = sorted(set(documented) - set(found) - literals)
     assert not unknown, "; ".join(
         f"{where(table, documented[reason])}: `{reason}` is given nowhere in fly_replay_router/affinity/"
         for reason in unknown
