@@ -27,7 +27,7 @@ STOPSIGNAL SIGTERM
 
 # One worker process per CPU of the VM (fly.toml's cpus; --workers N overrides): sessions stick to the
 # worker that holds them, the others hand its requests over on the machine (a Unix socket each, under
-# /tmp/fly-replay-router-<uid>/); README "Several workers per machine".
+# /tmp/fly-replay-router-<uid>/); docs/workers.md.
 # fly_replay_router.serve runs uvicorn on 0.0.0.0:8080 (IPv4: Fly's proxy reaches machines that way)
 # and [::]:8080 (IPv6: peers on the private network, 6PN), /metrics on 9091 (both families), trusts
 # X-Forwarded-* (Fly's proxy is the only thing in front), and finishes open requests within 25 s of

@@ -78,7 +78,7 @@ def _session_id(request: object) -> str | None:
     return request.headers.get("mcp-session-id") or request.query_params.get("session_id")
 
 
-# The SDK's own idle timeout and cap are the layer's (sized to the VM's memory; README "Capacity").
+# The SDK's own idle timeout and cap are the layer's (sized to the VM's memory; docs/operate.md "Capacity and sizing").
 streamable_app = mcp.streamable_http_app(
     streamable_http_path="/mcp",
     transport_security=transport_security(settings),

@@ -21,15 +21,15 @@ SIGTERM (fly.toml's ``kill_signal``) stops the server gracefully: no new connect
 get ``--timeout-graceful-shutdown`` seconds (keep it below ``kill_timeout``), then the app's lifespan
 shuts down.
 
-``--workers N`` (default: the CPUs this process may run on, so a machine of N CPUs runs N workers)
-runs N processes on the same sockets under uvicorn's supervisor, which restarts a worker that dies.
-The affinity layer keeps each session on the worker that holds it (README "Several workers per
-machine"). The supervisor checks once, in a short-lived process, that the app imports, so that a
-missing secret stops the machine with one sentence instead of a worker that restarts forever; it
-checks that ``prometheus-client`` is there for ``--metrics-port`` for the same reason. With
-``--metrics-port`` and several workers, it creates an empty directory for the run in which every
-worker publishes its figures, so that a scrape, whichever worker answers it, sums the machine's
-(``fly_replay_router.affinity.worker_metrics``); the directory is removed when the supervisor ends.
+``--workers N`` (default: the CPUs this process may run on, so a machine of N CPUs runs N workers) runs
+N processes on the same sockets under uvicorn's supervisor, which restarts a worker that dies. The
+affinity layer keeps each session on the worker that holds it (``docs/workers.md``). The supervisor
+checks once, in a short-lived process, that the app imports, so that a missing secret stops the machine
+with one sentence instead of a worker that restarts forever; it checks that ``prometheus-client`` is
+there for ``--metrics-port`` for the same reason. With ``--metrics-port`` and several workers, it
+creates an empty directory for the run in which every worker publishes its figures, so that a scrape,
+whichever worker answers it, sums the machine's (``fly_replay_router.affinity.worker_metrics``); the
+directory is removed when the supervisor ends.
 """
 
 from __future__ import annotations

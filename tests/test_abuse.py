@@ -2,7 +2,7 @@
 
 The abuser (its own address, so its own ``Fly-Client-IP``) opens sessions and holds their event
 streams as fast as it can for ``ABUSE_SECONDS``. Meanwhile 20 ordinary sessions of the official
-client keep calling, and other clients keep starting new sessions. The promise (README "Capacity"):
+client keep calling, and other clients keep starting new sessions. The promise (docs/operate.md "Capacity and sizing"):
 the ordinary sessions see no error, new sessions of other clients start, the abuser is slowed to
 its rate (429), and every machine stays within the VM memory fly.toml gives it.
 """

@@ -1,6 +1,6 @@
 """Faults through the real edge and real machines: what a client sees when machines die or change.
 
-The promise (README "Failover modes"): a session whose machine is gone gets 404 on its next request,
+The promise (docs/deploy.md "Failover modes"): a session whose machine is gone gets 404 on its next request,
 within seconds, and starts over; no request gets a 5xx or hangs; every other session carries on.
 """
 

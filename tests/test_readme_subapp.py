@@ -1,4 +1,4 @@
-"""The README's "Mount it in your own FastAPI app" snippet, run exactly as written, on two machines."""
+"""The README's "Add it to your MCP server" snippet, run exactly as written, on two machines."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.anyio
 
 def readme_snippet() -> str:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Mount it in your own FastAPI app", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    section = readme.split("## Add it to your MCP server", 1)[1]
+    match = re.search(r"```python[^\n]*\n(.*?)```", section, re.DOTALL)
     assert match, "the README section has no python block"
     return match.group(1)
 

@@ -1,6 +1,6 @@
 """The routing decision for one request that carries a session token: a pure function, no I/O.
 
-The rules (``README.md`` "Routing rules" explains them to users):
+The rules (``docs/how-it-is-built.md``, "Routing rules", explains them to users):
 
 1. A token that does not verify (malformed, too long, forged, another app, retired key, expired)
    is rejected: the request gets 404, the MCP signal to start a new session.

@@ -55,8 +55,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def readme_example() -> str:
-    section = (ROOT / "README.md").read_text().split("## Mount it in your own FastAPI app", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    section = (ROOT / "README.md").read_text().split("## Add it to your MCP server", 1)[1]
+    match = re.search(r"```python[^\n]*\n(.*?)```", section, re.DOTALL)
     assert match, "the README's mount section has no python block"
     return match.group(1)
 
