@@ -79,8 +79,13 @@ async def test_a_replayed_request_that_fly_brought_back_gets_404(two_machines: t
 
 def rejected_count(text: str, machine_id: str, reason: str) -> float:
     """A machine's ``affinity_decisions_total`` for rejected requests with ``reason``, from its metrics page."""
-    prefix = f'affinity_decisions_total{{machine="{machine_id}",outcome="rejected",reason="{reason}"}} '
-    return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+    wanted = {"machine": machine_id, "outcome": "rejected", "reason": reason}
+    total = 0.0
+    for match in re.finditer(r"^affinity_decisions_total\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(labels.get(name) == value for name, value in wanted.items()):
+            total += float(match.group(2))
+    return total
 
 
 async def test_a_token_of_another_fleet_gets_404_on_every_machine(two_machines: tuple[Machine, Machine]) -> None:
