@@ -52,6 +52,7 @@ from uvicorn.importer import ImportFromStringError, import_from_string
 from uvicorn.supervisors import Multiprocess
 
 from fly_replay_router.asgi import ASGIApp
+from fly_replay_router.settings import default_peer_url_template
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -189,6 +190,8 @@ def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]
     """
     ports = [options.port] if options.metrics_port is None else [options.port, options.metrics_port]
     sockets: list[socket.socket] = []
+    # Peers reach this machine on its service port over 6PN: the default peer address names that port.
+    os.environ.setdefault("AFFINITY_PEER_URL", default_peer_url_template(options.port))
     try:
         for port in ports:
             sockets += listening_sockets(port)

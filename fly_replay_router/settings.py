@@ -16,8 +16,19 @@ logger = logging.getLogger("fly_replay_router.settings")
 
 Failover = Literal["safe", "cached", "prefer"]
 MIN_SECRET_LENGTH = 16
-# Fly's private network (6PN): every machine of an app, by id, on the Dockerfile's port.
-DEFAULT_PEER_URL_TEMPLATE = "http://{machine_id}.vm.{app_name}.internal:8080"
+
+
+def default_peer_url_template(port: int = 8080) -> str:
+    """Fly's private network (6PN): every machine of an app, by id, on the port its service listens on.
+
+    Reference: "Private Networking" (https://fly.io/docs/networking/private-networking/), the
+    ``<machine_id>.vm.<app>.internal`` names. ``fly_replay_router.serve`` passes its ``--port``.
+    """
+    return f"http://{{machine_id}}.vm.{{app_name}}.internal:{port}"
+
+
+# The Dockerfile's port, when nothing says which port the service listens on.
+DEFAULT_PEER_URL_TEMPLATE = default_peer_url_template()
 # Sizing (measured with ``python -m tests.bench --only session_cost_kb_handshake_stream``): a
 # handshake-era session holding its GET event stream costs about 100 KB of RSS on the demo, an
 # abandoned one about 40 KB, a legacy SSE stream about 13 KB; the process itself about 80 MB.

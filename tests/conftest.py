@@ -8,12 +8,13 @@ A machine runs the Dockerfile's own command (``fly_replay_router.dockerfile``), 
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,43 @@ APP_NAME = "test-mcp"
 IMAGE_COMMAND = read_image_command(ROOT / "Dockerfile")
 # After one path answers, how long the other may take to start listening before the machine fails.
 OTHER_PATH_GRACE = 3.0
+# The most files the real-process tests hold open at once (held streams' sockets), with a margin.
+OPEN_FILES_NEEDED = 3200
+
+
+def _raise_open_file_limit() -> str | None:
+    """Raise this process's soft open-file limit to its hard limit where that is needed and allowed.
+
+    Machines started by the tests inherit it. Returns a sentence naming what is missing, if anything.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < OPEN_FILES_NEEDED:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < OPEN_FILES_NEEDED:
+        return (
+            f"the open-file limit is {soft} (hard limit {hard}) and the suite needs {OPEN_FILES_NEEDED}: "
+            "raise the hard limit (ulimit -Hn as root)"
+        )
+    return None
+
+
+def _ipv6_loopback_missing() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return "IPv6 loopback (::1) is missing, and the machines' peers reach each other over it as on Fly's 6PN"
+    return None
+
+
+ENVIRONMENT_MISSING = [gap for gap in (_raise_open_file_limit(), _ipv6_loopback_missing()) if gap]
+
+
+def pytest_report_header() -> list[str]:
+    """Say in the run's header what the environment lacks for the real-process tests."""
+    return [f"environment: {gap}" for gap in ENVIRONMENT_MISSING]
 
 
 @pytest.fixture

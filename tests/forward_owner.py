@@ -1,6 +1,7 @@
 """A stand-in owner machine for forwarding tests: records every request it gets and how its body ended.
 
-``GET /_records`` answers the records as JSON; ``GET /healthz`` answers ok. Any other request has
+``GET /_records`` answers the records as JSON; ``GET /_in_progress`` how many requests are reading
+their body now (each holds a connection of the forwarder's pool); ``GET /healthz`` answers ok. Any other request has
 its body read to the end (or to the disconnect) and is answered 200 with ``{"received": <bytes>}``
 when the body was complete.
 """
@@ -13,29 +14,35 @@ from typing import Any
 Scope = dict[str, Any]
 
 records: list[dict[str, Any]] = []
+in_progress = 0
 
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
+    global in_progress
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
             await send({"type": f"{message['type']}.complete"})
             if message["type"] == "lifespan.shutdown":
                 return
-    if scope["path"] in ("/healthz", "/_records"):
-        body = json.dumps(records).encode() if scope["path"] == "/_records" else b"ok"
-        await _answer(send, 200, body)
+    if scope["path"] in ("/healthz", "/_records", "/_in_progress"):
+        answers = {"/_records": json.dumps(records).encode(), "/_in_progress": str(in_progress).encode()}
+        await _answer(send, 200, answers.get(scope["path"], b"ok"))
         return
     received = 0
     complete = False
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        received += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            complete = True
-            break
+    in_progress += 1
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                complete = True
+                break
+    finally:
+        in_progress -= 1
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
     records.append(
         {

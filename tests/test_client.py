@@ -50,9 +50,16 @@ def test_a_suspended_owner_is_resumed_and_the_session_counts_on(fleet: FleetProc
     output = tmp_path / "client.out"
     client = start_client("--url", fleet.url, "--sessions", "1", "--calls", "6", "--pause", "0.5", output=output)
     owner = owner_once_started(output)
+    resumed = f"autostart: resuming machine {owner}"
+    resumed_before = fleet.text().count(resumed)
     assert httpx.post(f"{fleet.url}/_edge/machines/{owner}/suspend").json()["state"] == "suspended"
+    # The suspend landed inside the session: calls were still to come when the owner stopped.
+    calls_before_suspend = len(re.findall(r"whoami=\w+ count=\d", output.read_text()))
+    assert calls_before_suspend < 6, output.read_text()
     assert client.wait(60) == 0, output.read_text()
     assert re.findall(r"whoami=(\w+) count=(\d)", output.read_text()) == [(owner, str(n)) for n in range(1, 7)]
+    # ... and a later call found the owner suspended and the edge resumed it, as Fly's proxy does.
+    assert fleet.text().count(resumed) == resumed_before + 1, fleet.text()
 
 
 def test_a_stopped_owner_loses_the_session_and_the_client_says_so(fleet: FleetProcess, tmp_path: Path) -> None:

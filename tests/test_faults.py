@@ -7,6 +7,7 @@ within seconds, and starts over; no request gets a 5xx or hangs; every other ses
 from __future__ import annotations
 
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +19,30 @@ import pytest
 from mcp import Client
 
 from fly_replay_router.affinity.token import TokenCodec
-from tests.conftest import APP_NAME, Machine, start_machine
+from fly_replay_router.fly import parse_duration
+from tests.conftest import APP_NAME, ROOT, Machine, start_machine
 from tests.edge.edge_cli import FleetProcess, running_fleet
 from tests.mcp_http import call_count_message, open_session, session_headers, tool_text
 
 pytestmark = pytest.mark.anyio
 
 FLEET_SECRET = "fault-suite-fleet-secret-0123456789"
-GONE_WITHIN_SECONDS = 5.0
+FLY_TOML = tomllib.loads((ROOT / "fly.toml").read_text())
+# How long Fly keeps trying a session's owner before it brings the request back (fallback=force_self).
+REPLAY_TIMEOUT = parse_duration(FLY_TOML["env"]["AFFINITY_REPLAY_TIMEOUT"])
+# How long the platform may take to start a machine, as fly.toml declares it: the health check's grace period.
+START_GRACE = parse_duration(FLY_TOML["http_service"]["checks"][0]["grace_period"])
+# The promise for a session whose owner is gone: its next request gets 404 within the replay timeout
+# plus the platform's start time. A stopped or killed owner is autostarted by the replay that names
+# it, and Fly does not cut a start short ("the defined timeout is a minimum/best-effort",
+# https://community.fly.io/t/return-to-sender-fallbacks-for-fly-replay/27404), so the 404 may wait
+# for a whole cold start: 4 to 5.2 s for the demo on a busy 2-core machine, within the 10 s grace.
+GONE_WITHIN_SECONDS = REPLAY_TIMEOUT + START_GRACE
+# An owner that needs no start (restarted and up again, or destroyed for good) answers in a round trip
+# or two: a bound a loaded machine keeps, and well under a cold start.
+GONE_FAST_SECONDS = 5.0
+# Beyond this, a request is a hang and fails as one.
+HANG_SECONDS = GONE_WITHIN_SECONDS + 10
 
 
 @pytest.fixture
@@ -65,7 +82,7 @@ class Sessions:
 
         async def one(token: str) -> None:
             started = time.monotonic()
-            with anyio.fail_after(15):  # a hang is a failure, not a slow pass
+            with anyio.fail_after(HANG_SECONDS):  # a hang is a failure, not a slow pass
                 response = await self.raw.post("/mcp", headers=session_headers(token), json=call_count_message(3))
             answers[token] = (response.status_code, response.text, time.monotonic() - started)
 
@@ -76,13 +93,13 @@ class Sessions:
 
 
 def assert_gone_sessions_get_404_and_others_carry_on(
-    sessions: Sessions, answers: dict[str, tuple[int, str, float]], gone_owner: str
+    sessions: Sessions, answers: dict[str, tuple[int, str, float]], gone_owner: str, *, within: float
 ) -> None:
     for token, (status, text, seconds) in answers.items():
         if token.startswith(gone_owner + "."):
             assert status == 404, text
             assert '"Session not found"' in text
-            assert seconds < GONE_WITHIN_SECONDS
+            assert seconds < within, f"404 after {seconds:.1f} s, promised within {within:g} s"
         else:
             assert status == 200, text
             assert '"text":"2"' in text.replace(" ", "")  # the count went on without a gap
@@ -109,7 +126,7 @@ async def test_kill_9_of_an_owner_gives_its_sessions_404_and_no_one_else_an_erro
         victim = sessions.busiest_owner()
         assert (await machine_action(raw, victim, "kill"))["state"] != "started"
         answers = await sessions.next_counts()
-        assert_gone_sessions_get_404_and_others_carry_on(sessions, answers, victim)
+        assert_gone_sessions_get_404_and_others_carry_on(sessions, answers, victim, within=GONE_WITHIN_SECONDS)
         owner = await a_new_session_works(raw)
         states = {machine["id"]: machine["state"] for machine in fleet.status()["machines"]}
         assert states[owner] == "started"
@@ -123,7 +140,7 @@ async def test_a_stopped_owner_is_autostarted_empty_and_its_sessions_get_404(fle
         victim = sessions.busiest_owner()
         assert (await machine_action(raw, victim, "stop"))["state"] == "stopped"
         answers = await sessions.next_counts()
-        assert_gone_sessions_get_404_and_others_carry_on(sessions, answers, victim)
+        assert_gone_sessions_get_404_and_others_carry_on(sessions, answers, victim, within=GONE_WITHIN_SECONDS)
         states = {machine["id"]: machine["state"] for machine in fleet.status()["machines"]}
         assert states[victim] == "started"  # a replay naming it started it again (autostart)
         assert fleet.status()["autostarts"] >= 1
@@ -137,7 +154,7 @@ async def test_rolling_restart_same_machine_id_empty_memory_gives_404(fleet: Fle
         await machine_action(raw, victim, "stop")
         assert (await machine_action(raw, victim, "start"))["state"] == "started"
         answers = await sessions.next_counts()
-        assert_gone_sessions_get_404_and_others_carry_on(sessions, answers, victim)
+        assert_gone_sessions_get_404_and_others_carry_on(sessions, answers, victim, within=GONE_FAST_SECONDS)
         await a_new_session_works(raw)
 
 
@@ -149,7 +166,7 @@ async def test_a_machine_that_no_longer_exists_gives_404_fast(fleet: FleetProces
         started = time.monotonic()
         response = await raw.post("/mcp", headers=session_headers(token), json=call_count_message(2))
         assert response.status_code == 404
-        assert time.monotonic() - started < GONE_WITHIN_SECONDS
+        assert time.monotonic() - started < GONE_FAST_SECONDS
         await a_new_session_works(raw)
 
 

@@ -48,6 +48,15 @@ def records(machine: Machine) -> list[dict[str, Any]]:
     return list(httpx.get(f"{machine.url}/_records", timeout=5).json())
 
 
+async def until_uploads_held(owner: Machine, count: int) -> None:
+    """Wait until ``count`` requests are reading their body on ``owner``: each holds a pool connection."""
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(timeout=5) as http:
+        while (held := int((await http.get(f"{owner.url}/_in_progress")).text)) < count:
+            assert time.monotonic() < deadline, f"only {held} of {count} uploads reached {owner.machine_id}"
+            await asyncio.sleep(0.02)
+
+
 LAYERS: list[AffinityMiddleware] = []
 
 
@@ -278,14 +287,16 @@ async def test_slow_uploads_to_one_owner_do_not_starve_forwards_to_another(
     recording_owners: tuple[Machine, Machine, Machine],
 ) -> None:
     busy_owner, other_owner, _ = recording_owners
-    layer = layer_for(busy_owner, other_owner)
+    pool = 20  # connections per owner (the default)
+    layer = layer_for(busy_owner, other_owner, forward_connections_per_owner=pool)
     attacker_token = CODEC.issue(OWNER, "attackers-own-session", now=time.time())
     stalled = [Client(b"{", then="stall") for _ in range(100)]
     uploads = [
         asyncio.ensure_future(layer(forward_scope(attacker_token), client.receive, client.send)) for client in stalled
     ]
     try:
-        await asyncio.sleep(1)  # every slow upload holds its connection to the busy owner by now
+        # The busy owner's pool is full: every connection it may have is held by a stalled upload.
+        await until_uploads_held(busy_owner, pool)
         client = Client(b"a real session's call")
         token = CODEC.issue(OTHER_OWNER, "a-real-session", now=time.time())
         await layer(forward_scope(token), client.receive, client.send)
@@ -306,7 +317,7 @@ async def test_a_busy_owner_gets_503_not_404_so_the_client_keeps_its_session(
     stalled = [Client(b"{", then="stall") for _ in range(2)]
     uploads = [asyncio.ensure_future(layer(forward_scope(token), c.receive, c.send)) for c in stalled]
     try:
-        await asyncio.sleep(0.5)
+        await until_uploads_held(owner, 2)
         client = Client(b"{}")
         await layer(forward_scope(token), client.receive, client.send)
         assert client.status == 503

@@ -6,10 +6,15 @@ run is ``FUZZ_EXAMPLES=100000 .venv/bin/pytest tests/test_fuzz.py``); the ASGI t
 - no exception escapes but the one each function documents (``InvalidToken``, ``InvalidReplay``);
 - a token verifies only if this key ring issued exactly it, and then proves what was signed;
 - a replay or forward target only ever comes from a token signed with the right key for the right app;
-- a parsed ``fly-replay`` instruction survives ``to_header()`` and a second parse unchanged;
+- a valid ``fly-replay`` instruction, built on purpose and spelled as an app may spell it (header and
+  JSON forms, any field order, quotes, spaces, duration units), parses to exactly that instruction;
+  anything else parses or raises ``InvalidReplay``, and what parses survives ``to_header()`` and a
+  second parse unchanged; each test asserts how many instructions it really checked;
 - the layer answers only 404, 307 to a proven owner, or the inner app's own answer (a request that is
-  this machine's, or that names no session). ``tests/test_carriers.py`` holds the differential test
-  of session carriers against the parsing of the server behind the layer.
+  this machine's, or that names no session). Half its cases are built to reach one outcome (served,
+  replayed, forwarded, rejected, passed) and must reach it; each outcome has a floor.
+  ``tests/test_carriers.py`` holds the differential test of session carriers against the parsing of
+  the server behind the layer.
 
 Hypothesis draws one 64-bit seed per example and ``Inputs`` builds the structured input from it
 (a few microseconds, against milliseconds for composite strategies: 10,000 examples per test fit the
@@ -46,9 +51,11 @@ from fly_replay_router.affinity.middleware import AffinityMiddleware
 from fly_replay_router.affinity.token import CLOCK_SKEW_SECONDS, InvalidToken, SessionToken, TokenCodec
 from fly_replay_router.fly import (
     InvalidReplay,
+    ReplayCacheDirective,
     ReplayFailure,
     ReplayInstruction,
     ReplaySource,
+    ReplayTransform,
     parse_replay_failed,
     parse_replay_header,
     parse_replay_json,
@@ -380,22 +387,193 @@ def header_value(inputs: Inputs) -> str:
     return inputs.text(';="=, \t', 40)
 
 
+# --- valid instructions, built on purpose ------------------------------------------------------
+
+NAME_CHARS = string.ascii_letters + string.digits + "-_"
+# fly_replay_router.fly.names.STATE: visible ASCII but for '"' and ';'.
+STATE_CHARS = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) not in '";')
+
+
+def valid_instruction(inputs: Inputs, *, json_only: bool = False) -> ReplayInstruction:
+    """An instruction Fly accepts: one or more targets, any optional fields; the JSON form's extras too."""
+    instance = prefer_instance = None
+    machine = inputs.text(MACHINE_CHARS, 32, min_size=1) if inputs.flag(0.5) else inputs.pick(OTHER_MACHINES)
+    which = inputs.below(3)
+    if which == 0:
+        instance = machine
+    elif which == 1:
+        prefer_instance = machine
+    regions = tuple(inputs.text(NAME_CHARS, 10, min_size=1) for _ in range(inputs.size(3))) if inputs.flag(0.4) else ()
+    app = inputs.text(NAME_CHARS, 20, min_size=1) if inputs.flag(0.3) else None
+    elsewhere = inputs.flag(0.2)
+    cache = None
+    if json_only and inputs.flag(0.4):
+        if inputs.flag(0.3):
+            cache = ReplayCacheDirective(invalidate=True)
+        else:
+            prefix = "/" + inputs.text(NAME_CHARS + "/*", 20)
+            cache = ReplayCacheDirective(prefix=prefix, ttl_seconds=inputs.integer(10, 86_400))
+    if not (instance or prefer_instance or regions or app or elsewhere or cache):
+        app = "target-app"
+    transform = None
+    if json_only and inputs.flag(0.4):
+        transform = ReplayTransform(
+            path=("/" + inputs.text(NAME_CHARS + "/?=&", 20)) if inputs.flag() else None,
+            set_headers=tuple(
+                (inputs.text(NAME_CHARS, 12, min_size=1), inputs.text(VISIBLE_ASCII + " ", 20))
+                for _ in range(inputs.size(3))
+            ),
+            delete_headers=tuple(inputs.text(NAME_CHARS, 12, min_size=1) for _ in range(inputs.size(3))),
+        )
+    return ReplayInstruction(
+        instance=instance,
+        prefer_instance=prefer_instance,
+        regions=regions,
+        app=app,
+        elsewhere=elsewhere,
+        state=inputs.text(STATE_CHARS, 40, min_size=1) if inputs.flag(0.3) else None,
+        # Fly's durations count whole milliseconds, up to the grammar's 24 hours.
+        timeout=inputs.integer(1, 86_400_000) / 1000 if inputs.flag(0.4) else None,
+        fallback=inputs.pick((None, "force_self", "prefer_self")),
+        transform=transform,
+        cache=cache,
+    )
+
+
+def duration_spelling(inputs: Inputs, seconds: float) -> str:
+    """One of the spellings of exactly ``seconds`` the grammar accepts (``800ms``, ``1.5s``, ``2m``, ``1h``)."""
+    milliseconds = round(seconds * 1000)
+    spellings = [f"{milliseconds}ms", f"{milliseconds / 1000}s"]
+    if milliseconds % 1000 == 0:
+        spellings.append(f"{milliseconds // 1000}s")
+    if milliseconds % 60_000 == 0:
+        spellings.append(f"{milliseconds // 60_000}m")
+    if milliseconds % 3_600_000 == 0:
+        spellings.append(f"{milliseconds // 3_600_000}h")
+    return inputs.pick(spellings)
+
+
+def spelled_header(inputs: Inputs, instruction: ReplayInstruction) -> str:
+    """The header form as an app may write it: any field order, spaces, quotes, key case."""
+    fields: list[tuple[str, str]] = []
+    if instruction.instance is not None:
+        fields.append(("instance", instruction.instance))
+    if instruction.prefer_instance is not None:
+        fields.append(("prefer_instance", instruction.prefer_instance))
+    if instruction.regions:
+        fields.append(("region", inputs.pick((",", ", ")).join(instruction.regions)))
+    if instruction.app is not None:
+        fields.append(("app", instruction.app))
+    if instruction.elsewhere:
+        fields.append(("elsewhere", inputs.pick(("true", "TRUE", "True"))))
+    elif inputs.flag(0.1):
+        fields.append(("elsewhere", "false"))
+    if instruction.state is not None:
+        fields.append(("state", instruction.state))
+    if instruction.timeout is not None:
+        fields.append(("timeout", duration_spelling(inputs, instruction.timeout)))
+    if instruction.fallback is not None:
+        fields.append(("fallback", instruction.fallback))
+    inputs.shuffle(fields)
+    parts = []
+    for key, value in fields:
+        key = key.upper() if inputs.flag(0.1) else key
+        # A list must be quoted (Fly's "A comma-separated list of regions must be quoted"); any value may be.
+        quoted = "," in value or inputs.flag(0.2)
+        spaced = inputs.pick(("", " "))
+        parts.append(f'{spaced}{key}{spaced}={spaced}"{value}"{spaced}' if quoted else f"{spaced}{key}={value}{spaced}")
+    return inputs.pick((";", "; ")).join(parts) + inputs.pick(("", ";"))
+
+
+def spelled_json(inputs: Inputs, instruction: ReplayInstruction) -> bytes:
+    """The JSON form (``application/vnd.fly.replay+json``) as an app may write it."""
+    document: dict[str, object] = {}
+    if instruction.instance is not None:
+        document["instance"] = instruction.instance
+    if instruction.prefer_instance is not None:
+        document["prefer_instance"] = instruction.prefer_instance
+    if instruction.regions:
+        document["region"] = list(instruction.regions) if inputs.flag() else ",".join(instruction.regions)
+    if instruction.app is not None:
+        document["app"] = instruction.app
+    if instruction.elsewhere or inputs.flag(0.1):
+        document["elsewhere"] = instruction.elsewhere
+    if instruction.state is not None:
+        document["state"] = instruction.state
+    if instruction.timeout is not None:
+        document["timeout"] = duration_spelling(inputs, instruction.timeout)
+    if instruction.fallback is not None:
+        document["fallback"] = instruction.fallback
+    if instruction.transform is not None:
+        transform: dict[str, object] = {}
+        if instruction.transform.path is not None:
+            transform["path"] = instruction.transform.path
+        if instruction.transform.set_headers or inputs.flag():
+            transform["set_headers"] = [
+                {"name": name, "value": value} for name, value in instruction.transform.set_headers
+            ]
+        if instruction.transform.delete_headers or inputs.flag():
+            transform["delete_headers"] = list(instruction.transform.delete_headers)
+        document["transform"] = transform
+    if instruction.cache is not None:
+        cache = instruction.cache
+        document["cache"] = (
+            {"invalidate": True} if cache.invalidate else {"prefix": cache.prefix, "ttl": cache.ttl_seconds}
+        )
+    items = list(document.items())
+    inputs.shuffle(items)
+    return json.dumps(dict(items), indent=inputs.pick((None, 2))).encode()
+
+
+@dataclass(frozen=True)
+class Spelled:
+    """A ``fly-replay`` value and, when it was built from one, the instruction it must parse to."""
+
+    text: str | bytes
+    meant: ReplayInstruction | None
+
+
+@dataclass
+class ParseCount:
+    parsed: int = 0
+    meant: int = 0
+
+
+def check_parse(spelled: Spelled, parse: Callable[[Any], ReplayInstruction], count: ParseCount) -> None:
+    try:
+        instruction = parse(spelled.text)
+    except InvalidReplay:
+        assert spelled.meant is None, f"a valid instruction was refused: {spelled.meant}"
+        return
+    count.parsed += 1
+    if spelled.meant is not None:
+        assert instruction == spelled.meant
+        count.meant += 1
+    assert_round_trips(instruction)
+
+
 def assert_round_trips(instruction: ReplayInstruction) -> None:
     if instruction.transform is not None or instruction.cache is not None:
+        with pytest.raises(ValueError, match="JSON form"):
+            instruction.to_header()
         return
     header = instruction.to_header()
     assert parse_replay_header(header) == instruction, f"{instruction} -> {header!r} parses differently"
 
 
 def test_fly_replay_header_parses_or_raises_invalid_replay_and_round_trips() -> None:
-    def check(value: str) -> None:
-        try:
-            instruction = parse_replay_header(value)
-        except InvalidReplay:
-            return
-        assert_round_trips(instruction)
+    count = ParseCount()
 
-    assert run_fuzz(header_value, check) >= EXAMPLES
+    def build(inputs: Inputs) -> Spelled:
+        if inputs.flag(0.4):
+            instruction = valid_instruction(inputs)
+            return Spelled(spelled_header(inputs, instruction), instruction)
+        return Spelled(header_value(inputs), None)
+
+    assert run_fuzz(build, lambda spelled: check_parse(spelled, parse_replay_header, count)) >= EXAMPLES
+    # Four in ten were built valid on purpose and every one of them checked; the rest are mostly junk.
+    assert count.meant >= EXAMPLES * 0.3, count
+    assert count.parsed >= count.meant
 
 
 def json_value(inputs: Inputs, depth: int = 0) -> object:
@@ -448,14 +626,23 @@ def json_body(inputs: Inputs) -> bytes:
 
 
 def test_fly_replay_json_parses_or_raises_invalid_replay_and_round_trips() -> None:
-    def check(body: bytes) -> None:
-        try:
-            instruction = parse_replay_json(body)
-        except InvalidReplay:
-            return
-        assert_round_trips(instruction)
+    count = ParseCount()
+    transformed = cached = 0
 
-    assert run_fuzz(json_body, check) >= EXAMPLES
+    def build(inputs: Inputs) -> Spelled:
+        nonlocal transformed, cached
+        if inputs.flag(0.4):
+            instruction = valid_instruction(inputs, json_only=True)
+            transformed += instruction.transform is not None
+            cached += instruction.cache is not None
+            return Spelled(spelled_json(inputs, instruction), instruction)
+        return Spelled(json_body(inputs), None)
+
+    assert run_fuzz(build, lambda spelled: check_parse(spelled, parse_replay_json, count)) >= EXAMPLES
+    assert count.meant >= EXAMPLES * 0.3, count
+    # The JSON form's own parts, transform and cache, were among those checked, not only the header fields.
+    assert transformed >= EXAMPLES * 0.1
+    assert cached >= EXAMPLES * 0.1
 
 
 def test_fly_replay_src_and_failed_parse_anything() -> None:
@@ -531,6 +718,7 @@ class AsgiCase:
     headers: list[tuple[bytes, bytes]]
     query_string: bytes
     carried: tuple[Minted, ...]
+    aim: str | None  # the outcome the case was built to reach, or None for an unsteered one
 
 
 ROUTING_HEADERS = (
@@ -544,9 +732,72 @@ ROUTING_HEADERS = (
 )
 
 
+# What the layer can do with a request; the property counts each and asserts a floor per outcome.
+OUTCOMES = ("served", "replayed", "forwarded", "rejected", "passed")
+
+
+def genuine_token(inputs: Inputs, owner: str) -> Minted:
+    """A token this fleet's ring signed for ``owner`` within the last hour: what a real client holds."""
+    inner = uuid.UUID(int=inputs.below(2**128)).hex
+    issued = int(NOW) - inputs.below(3600)
+    return Minted(inputs.pick((RING, OLD_KEY_ONLY)).issue(owner, inner, now=issued), SessionToken(owner, inner, issued))
+
+
+def other_machine(inputs: Inputs) -> str:
+    owner = inputs.pick(OTHER_MACHINES) if inputs.flag() else inputs.text(MACHINE_CHARS, 32, min_size=1)
+    return owner if owner != THIS_MACHINE else OTHER_MACHINES[0]
+
+
 def asgi_case(inputs: Inputs) -> AsgiCase:
+    """One request: half aimed at an outcome (built so that it must end there), half anything at all."""
+    aim = inputs.pick(OUTCOMES) if inputs.flag() else None
     carried: list[Minted] = []
     headers: list[tuple[bytes, bytes]] = [(b"host", b"127.0.0.1:8080")]
+    query = bytes(inputs.pick(QUERY_BYTES) for _ in range(inputs.size(60)))
+    if aim is not None and aim != "passed":
+        if aim == "served":
+            minted = genuine_token(inputs, THIS_MACHINE)
+        elif aim == "rejected":
+            minted = inputs.pick((token_shaped, mutated_token, lambda i: Minted(any_text(i, 80), None)))(inputs)
+            if expected_verify(minted, now=NOW, max_age=None) is not None:
+                minted = token_shaped(inputs)
+        else:
+            minted = genuine_token(inputs, other_machine(inputs))
+        carried.append(minted)
+        if inputs.flag():
+            headers.append((b"mcp-session-id", minted.token.encode("utf-8")))
+        else:
+            # The legacy SSE transport's carrier, as the official SDK reads it (?session_id=).
+            query = b"session_id=" + quote_from_bytes(minted.token.encode("utf-8"), safe="").encode()
+        if aim == "forwarded":
+            # A body Fly cannot replay: over its 1 MB replay limit, or of unknown length.
+            if inputs.flag():
+                headers.append((b"content-length", str(inputs.integer(1024 * 1024 + 1, 3_000_000)).encode()))
+            else:
+                headers.append((b"transfer-encoding", b"chunked"))
+        elif inputs.flag(0.5):
+            headers.append((b"content-length", str(inputs.integer(0, 1024 * 1024)).encode()))
+        if aim == "rejected" and inputs.flag(0.3):
+            # A second hop names a genuine owner elsewhere: refused too, so that nothing loops.
+            carried[-1] = genuine_token(inputs, other_machine(inputs))
+            token = carried[-1].token.encode("utf-8")
+            headers = [(name, token if name == b"mcp-session-id" else value) for name, value in headers]
+            if query.startswith(b"session_id="):
+                query = b"session_id=" + quote_from_bytes(token, safe="").encode()
+            headers.append(
+                (inputs.pick((b"fly-replay-src", FORWARDED_FROM)), b"instance=" + OTHER_MACHINES[1].encode())
+            )
+        version = inputs.pick((None, *HANDSHAKE, b"2026-07-28"))
+        if version is not None:
+            headers.append((b"mcp-protocol-version", version))
+        inputs.shuffle(headers)
+        return AsgiCase(inputs.pick(("POST", "GET", "DELETE")), headers, query, tuple(carried), aim)
+    if aim == "passed":
+        version = inputs.pick((None, *HANDSHAKE, b"2026-07-28"))
+        if version is not None:
+            headers.append((b"mcp-protocol-version", version))
+        query = inputs.pick((b"", b"a=1", b"page=2&q=x"))
+        return AsgiCase(inputs.pick(("POST", "GET", "DELETE")), headers, query, (), aim)
 
     def session_value() -> Minted:
         if inputs.flag(0.2):
@@ -570,13 +821,12 @@ def asgi_case(inputs: Inputs) -> AsgiCase:
             value = header_bytes(inputs)
         headers.append((name, value))
     inputs.shuffle(headers)
-    query = bytes(inputs.pick(QUERY_BYTES) for _ in range(inputs.size(60)))
     if inputs.flag():
         minted = session_value()
         carried.append(minted)
         encoded = quote_from_bytes(minted.token.encode("utf-8"), safe="").encode()
         query = inputs.pick((b"", b"a=1&")) + b"session_id=" + encoded + (b"&" + query if query else b"")
-    return AsgiCase(inputs.pick(("POST", "GET", "DELETE")), headers, query, tuple(carried))
+    return AsgiCase(inputs.pick(("POST", "GET", "DELETE")), headers, query, tuple(carried), None)
 
 
 @contextmanager
@@ -635,6 +885,15 @@ def test_the_layer_answers_only_404_a_proven_replay_or_the_inner_app(monkeypatch
         assert start["type"] == "http.response.start"
         status, headers = start["status"], dict(start["headers"])
         if status == 307:
+            outcome = "replayed"
+        elif status == 404:
+            outcome = "forwarded" if forwarder.owners else "rejected"
+        else:
+            outcome = "served" if case.carried else "passed"
+        reached[outcome] += 1
+        if case.aim is not None:
+            assert outcome == case.aim, f"built to be {case.aim}, was {outcome} ({status})"
+        if outcome == "replayed":
             assert not inner.scopes
             instruction = parse_replay_header(headers[b"fly-replay"].decode("ascii"))
             assert (instruction.instance or instruction.prefer_instance) in proven_elsewhere
@@ -642,6 +901,8 @@ def test_the_layer_answers_only_404_a_proven_replay_or_the_inner_app(monkeypatch
         if status == 404:
             assert not inner.scopes
             assert json.loads(sent[1]["body"])["error"]["code"] == -32600
+            if outcome == "forwarded":
+                assert len(forwarder.owners) == 1
             return
         assert status == INNER_APP_STATUS, f"the layer answered {status}"
         assert len(inner.scopes) == 1
@@ -663,8 +924,12 @@ def test_the_layer_answers_only_404_a_proven_replay_or_the_inner_app(monkeypatch
             answered = headers[b"mcp-session-id"].decode("ascii")
             assert RING.verify(answered, now=NOW).owner_machine_id == THIS_MACHINE
 
+    reached = dict.fromkeys(OUTCOMES, 0)
     try:
         with quiet_layer_logs():
             assert run_fuzz(asgi_case, check, ASGI_EXAMPLES) >= ASGI_EXAMPLES
     finally:
         loop.close()
+    # Half the cases aim at one of the five outcomes (a tenth each); each must have been reached often.
+    for outcome, count in reached.items():
+        assert count >= ASGI_EXAMPLES * 0.06, f"{outcome} reached {count} times of {ASGI_EXAMPLES}: {reached}"

@@ -77,19 +77,64 @@ async def test_a_replayed_request_that_fly_brought_back_gets_404(two_machines: t
     assert fell_back.json()["error"]["message"] == "Session not found"
 
 
+def rejected_count(text: str, machine_id: str, reason: str) -> float:
+    """A machine's ``affinity_decisions_total`` for rejected requests with ``reason``, from its metrics page."""
+    wanted = {"machine": machine_id, "outcome": "rejected", "reason": reason}
+    total = 0.0
+    for match in re.finditer(r"^affinity_decisions_total\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(labels.get(name) == value for name, value in wanted.items()):
+            total += float(match.group(2))
+    return total
+
+
 async def test_a_token_of_another_fleet_gets_404_on_every_machine(two_machines: tuple[Machine, Machine]) -> None:
-    foreign = (
-        "aaaaaaaaaaaaaa.N2RhNGU4MDY2NWJkNGM2ZmI3MzIzMWQ2M2YwYzIyN2Y.awIoYA.o_lsb25IJNGzr0mevP5LEzeqMtBQ4HjtuWyDZfCkWgg"
+    # Current tokens, well formed, naming this fleet's own machines: sealed under another secret of
+    # the same app, and under this secret for another app. Only the seal tells them apart.
+    foreign_codecs = (
+        TokenCodec(("another-fleets-secret-0123456789abcdef",), app_name=APP_NAME),
+        TokenCodec((SECRET,), app_name="another-app"),
     )
+    own = TokenCodec((SECRET,), app_name=APP_NAME)
+    inner = "7da4e80665bd4c6fb73231d63f0c227f"
     async with httpx.AsyncClient(timeout=10) as raw:
         for machine in two_machines:
-            response = await raw.post(
+            other = next(m for m in two_machines if m is not machine)
+            # The same token sealed by this fleet is routed to its owner: the foreign ones differ only in the seal.
+            genuine = own.issue(other.machine_id, inner, now=time.time())
+            answered = await raw.post(
                 f"{machine.url}/mcp",
-                headers={**JSON_AND_SSE, "mcp-session-id": foreign, "mcp-protocol-version": HANDSHAKE},
+                headers={**JSON_AND_SSE, "mcp-session-id": genuine, "mcp-protocol-version": HANDSHAKE},
                 json=call_count_message(1),
             )
-            assert response.status_code == 404
-            assert "fly-replay" not in response.headers
+            assert answered.status_code == 307
+            assert machine.metrics_url is not None
+            before = (await raw.get(f"{machine.metrics_url}/metrics")).text
+            sent = 0
+            for codec in foreign_codecs:
+                for owner in two_machines:
+                    foreign = codec.issue(owner.machine_id, inner, now=time.time())
+                    assert len(foreign) == len(genuine)
+                    response = await raw.post(
+                        f"{machine.url}/mcp",
+                        headers={**JSON_AND_SSE, "mcp-session-id": foreign, "mcp-protocol-version": HANDSHAKE},
+                        json=call_count_message(1),
+                    )
+                    sent += 1
+                    assert response.status_code == 404
+                    assert "fly-replay" not in response.headers
+                    assert response.json()["error"]["message"] == "Session not found"
+            after = (await raw.get(f"{machine.metrics_url}/metrics")).text
+            # Refused for its seal, after the keys were tried; not as malformed before any key was.
+            seal = "bad_signature"
+            assert (
+                rejected_count(after, machine.machine_id, seal) - rejected_count(before, machine.machine_id, seal)
+                == sent
+            )
+            malformed = "malformed_token"
+            assert rejected_count(after, machine.machine_id, malformed) == rejected_count(
+                before, machine.machine_id, malformed
+            )
 
 
 async def test_legacy_sse_endpoint_carries_a_token_and_a_message_posted_to_the_other_machine_is_replayed(

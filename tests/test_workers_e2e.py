@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
@@ -165,8 +166,33 @@ async def test_concurrent_sessions_stick_to_their_worker(machine: MultiWorkerMac
     assert "Session not found" not in machine.log()
 
 
+def _handed_over_messages(log: str) -> int:
+    """How many legacy-SSE message POSTs the machine's log shows handed over to a sibling worker."""
+    return sum(1 for line in log.splitlines() if "outcome=handed_over" in line and "path=/messages" in line)
+
+
+def _new_connection_per_request(
+    headers: dict[str, str] | None = None, timeout: httpx2.Timeout | None = None, auth: httpx2.Auth | None = None
+) -> httpx2.AsyncClient:
+    """The SDK's client, but no connection is reused: every message POST reaches whichever worker accepts it."""
+    return httpx2.AsyncClient(
+        headers=headers,
+        timeout=timeout or httpx2.Timeout(30, read=300),
+        auth=auth,
+        limits=httpx2.Limits(max_keepalive_connections=0),
+    )
+
+
 async def test_legacy_sse_sessions_stick_to_their_worker(machine: MultiWorkerMachine) -> None:
-    await _sessions_stick(lambda: Client(sse_client(f"{machine.url}/sse"), mode="legacy"), 6)
+    before = _handed_over_messages(machine.log())
+    await _sessions_stick(
+        lambda: Client(
+            sse_client(f"{machine.url}/sse", httpx_client_factory=_new_connection_per_request), mode="legacy"
+        ),
+        6,
+    )
+    # Of about 120 message POSTs, each on a new connection, some reached the worker without the stream.
+    assert _handed_over_messages(machine.log()) > before, "no message POST reached the other worker"
 
 
 async def _count(url: str, token: str) -> httpx.Response:

@@ -139,9 +139,13 @@ async def test_every_session_sticks_to_its_machine_and_its_worker(fleet: WorkerF
 
 
 async def test_legacy_sse_sessions_stick_to_their_worker(fleet: WorkerFleet) -> None:
+    before = fleet.status()["replays"]
     owners = await _sessions_stick(fleet, lambda: Client(sse_client(f"{fleet.url}/sse"), mode="legacy"), 6)
     workers = fleet.workers()
     assert all(pid in workers[machine] for machine, pid in owners)
+    # The edge balances every message POST at random over the two machines: of about 60, half landed on
+    # the machine that does not hold their stream and were replayed to it.
+    assert fleet.status()["replays"] - before >= 6
 
 
 async def test_kill_9_of_a_worker_ends_its_sessions_and_not_its_siblings(fleet: WorkerFleet) -> None:

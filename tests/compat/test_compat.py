@@ -2,7 +2,9 @@
 
 Per entry: the SDK's version is the one the user installed (installing this library moved
 nothing), and 10 sessions x 5 calls of that SDK's own client, through ``fly-replay-edge`` with two
-machines and random balancing, each stay on one machine with their count going 1, 2, 3 ...
+machines and random balancing, each stay on one machine with their count going 1, 2, 3 ... Every
+client reports the machine that served each call (a ``whoami`` tool, or for the README's example a
+response header added around it), and it is the machine the session's token names.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class Entry:
 ENTRIES = {
     "mcp1-streamable": Entry(MCP1, "mcp1_notes:api", "/notes/mcp", ["mcp1_client.py", "{url}", "streamable"]),
     "mcp1-sse": Entry(MCP1, "mcp1_notes:api", "/legacy/sse", ["mcp1_client.py", "{url}", "sse"]),
-    "mcp2-readme": Entry(MCP2, "my_server:api", "/notes/mcp", ["mcp2_client.py", "{url}"], counts_per_session=False),
+    "mcp2-readme": Entry(
+        MCP2, "readme_served_by:api", "/notes/mcp", ["mcp2_client.py", "{url}"], counts_per_session=False
+    ),
     "fastmcp": Entry(FASTMCP, "fastmcp_notes:api", "/notes/mcp", ["fastmcp_client.py", "{url}"]),
 }
 
@@ -59,6 +63,28 @@ def readme_example() -> str:
     match = re.search(r"```python[^\n]*\n(.*?)```", section, re.DOTALL)
     assert match, "the README's mount section has no python block"
     return match.group(1)
+
+
+# The README's example has no tool that names its machine: this pure ASGI wrapper, beside the example
+# (which stays verbatim), adds the machine's id to every response so that the client can report it.
+README_SERVED_BY = """import os
+
+from my_server import api as readme_api
+
+MACHINE = os.environ["FLY_MACHINE_ID"].encode()
+
+
+async def api(scope, receive, send):
+    if scope["type"] != "http":
+        return await readme_api(scope, receive, send)
+
+    async def named(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"x-served-by", MACHINE)]}
+        await send(message)
+
+    await readme_api(scope, receive, named)
+"""
 
 
 def clean_env() -> dict[str, str]:
@@ -106,10 +132,11 @@ def test_sessions_stick_with_the_users_own_sdk(name: str, wheel: Path, tmp_path:
     assert installed_version(project, project.sdk) == sdk_before, "installing the wheel changed the user's SDK"
 
     app_dir = HERE / "apps"
-    if entry.app.startswith("my_server:"):
+    if entry.app.startswith("readme_served_by:"):
         app_dir = tmp_path / "project"
         app_dir.mkdir()
         (app_dir / "my_server.py").write_text(readme_example())
+        (app_dir / "readme_served_by.py").write_text(README_SERVED_BY)
     with fleet(project, entry.app, app_dir, entry.mcp_path, tmp_path / "edge.log") as edge:
         client = [arg.replace("{url}", edge + entry.mcp_path) for arg in entry.client]
         output = run([str(project.python), *client, str(SESSIONS), str(CALLS)], cwd=HERE / "clients", env=clean_env())
@@ -119,14 +146,14 @@ def test_sessions_stick_with_the_users_own_sdk(name: str, wheel: Path, tmp_path:
 
     assert report["sdk_version"] == sdk_before
     assert len(report["sessions"]) == SESSIONS
-    for calls in report["sessions"]:
+    assert len(report["tokens"]) == SESSIONS
+    for calls, token in zip(report["sessions"], report["tokens"], strict=True):
         counts = [count for _, count in calls]
         first = 1 if entry.counts_per_session else counts[0]
         assert counts == list(range(first, first + CALLS)), f"a session moved: {calls}"
         assert len({machine for machine, _ in calls}) == 1, f"a session was answered by two machines: {calls}"
-        if calls[0][0]:
-            assert calls[0][0] in machines
-    assert len(report["tokens"]) == SESSIONS
-    assert all(owner_of(token) in machines for token in report["tokens"]), report["tokens"]
+        # Every client names the machine that served each call: the one its session token names.
+        assert calls[0][0] in machines, f"no machine of the fleet answered: {calls}"
+        assert calls[0][0] == owner_of(token), f"served by {calls[0][0]}, the token names {owner_of(token)}"
     # Random balancing over two machines: many requests landed on the wrong one and were replayed.
     assert replays > 0

@@ -33,6 +33,8 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 GATES: dict[str, threading.Event] = {}
+# Set by a /stream?gate=NAME machine once it has sent its second event: what the machine did, not the test.
+SENT_SECOND: dict[str, threading.Event] = {}
 UPLOADS: dict[str, list[int]] = {}
 
 
@@ -120,12 +122,14 @@ class ProbeMachine:
             while (await receive())["type"] != "http.disconnect":
                 pass
             return
-        gate = GATES.setdefault(query.get("gate", ["default"])[0], threading.Event())
+        name = query.get("gate", ["default"])[0]
+        gate = GATES.setdefault(name, threading.Event())
         for _ in range(3000):
             if gate.is_set():
                 break
             await asyncio.sleep(0.01)
         await send({"type": "http.response.body", "body": b"event: second\ndata: 2\n\n", "more_body": False})
+        SENT_SECOND.setdefault(name, threading.Event()).set()
 
     async def _upload(self, name: str, receive: Receive, send: Send) -> None:
         sizes = UPLOADS.setdefault(name, [])

@@ -27,6 +27,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from playwright.async_api import expect
 
+from fly_replay_router.edge.page import FEED_INTERVAL, FEED_ROUTES
 from tests.edge.browser import browser_page
 from tests.edge.edge_cli import FleetProcess, probe_fleet_args, running_fleet, wait_gone
 from tests.mcp_http import JSON_AND_SSE, call_count_message, tool_text
@@ -102,6 +103,31 @@ async def test_watch_a_session_stick_then_suspend_its_machine(
         await expect(row.locator(".sessions")).to_have_text("0")  # the client ended its session
 
 
+# A page frozen by the flood would not answer for many seconds; one that keeps up answers in a few
+# hundredths. The bound sits between, with room for a busy 2-core machine running Chromium beside the edge.
+RESPONSIVE_SECONDS = 2.0
+# Under the flood: how many feed messages the coalescing is measured over.
+FEED_MESSAGES = 9
+
+
+async def _feed_under_flood(edge_url: str) -> tuple[list[dict[str, Any]], float]:
+    """``FEED_MESSAGES`` messages of the page feed, and the seconds from the first to the last."""
+    messages: list[dict[str, Any]] = []
+    with anyio.fail_after(30):
+        async with (
+            httpx.AsyncClient(base_url=edge_url, timeout=10) as client,
+            client.stream("GET", "/_edge/events") as feed,
+        ):
+            async for line in feed.aiter_lines():
+                if line.startswith("data: "):
+                    if not messages:
+                        first = time.monotonic()
+                    messages.append(json.loads(line[6:]))
+                    if len(messages) == FEED_MESSAGES:
+                        return messages, time.monotonic() - first
+    raise AssertionError(f"the feed ended after {len(messages)} messages")
+
+
 async def test_the_page_stays_bounded_and_responsive_at_a_thousand_events_per_second(
     make_probes, make_edge, chromium: Path, tmp_path: Path
 ) -> None:
@@ -124,30 +150,24 @@ async def test_the_page_stays_bounded_and_responsive_at_a_thousand_events_per_se
         flooding = threading.Thread(target=flood, daemon=True)
         flooding.start()
         try:
-            await anyio.sleep(3)
-            started = time.monotonic()
-            rows = await page.locator("#routes tbody tr").count()
-            responsive = time.monotonic() - started
-            await expect(page.locator("#routes-note")).to_contain_text("more in the last update")
+            # The flood has reached the page once the page says it showed only part of an update.
+            await expect(page.locator("#routes-note")).to_contain_text("more in the last update", timeout=30_000)
+            answers: list[float] = []
+            for _ in range(5):
+                started = time.monotonic()
+                rows = await page.locator("#routes tbody tr").count()
+                answers.append(time.monotonic() - started)
+                assert 0 < rows <= 60  # sampled: the page never holds more than its 60 newest rows
+            messages, elapsed = await _feed_under_flood(edge.url)
         finally:
             stop.set()
             flooding.join()
-    assert 0 < rows <= 60  # sampled: the page never holds more than its 60 newest rows
-    assert responsive < 1.0
-    # The feed itself: a few messages a second, each with at most 40 routing events.
-    messages: list[dict[str, Any]] = []
-    async with (
-        httpx.AsyncClient(base_url=edge.url, timeout=10) as client,
-        client.stream("GET", "/_edge/events") as feed,
-    ):
-        started = time.monotonic()
-        async for line in feed.aiter_lines():
-            if line.startswith("data: "):
-                messages.append(json.loads(line[6:]))
-            if time.monotonic() - started > 1.0:
-                break
-    assert 2 <= len(messages) <= 6
-    assert all(len(message["routes"]) <= 40 for message in messages)
+    assert sorted(answers)[len(answers) // 2] < RESPONSIVE_SECONDS, answers
+    # The feed coalesces: under 1,000 events a second it still sends one message per interval at most,
+    # each with at most FEED_ROUTES routing events, and the flood filled them.
+    assert elapsed >= (FEED_MESSAGES - 1) * FEED_INTERVAL * 0.9, elapsed
+    assert all(len(message["routes"]) <= FEED_ROUTES for message in messages)
+    assert sum(len(message["routes"]) == FEED_ROUTES for message in messages) >= FEED_MESSAGES // 2
 
 
 def test_stopping_the_edge_ends_an_open_page_feed(tmp_path: Path) -> None:

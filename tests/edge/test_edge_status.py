@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import anyio
 import httpx
 import pytest
 
@@ -76,8 +77,12 @@ async def test_status_and_page_feed_show_a_machine_nearing_its_concurrency_limit
         assert (await load_with(4))["load"] == "near_soft_limit"  # 80 % of the soft limit
         assert (await load_with(6))["load"] == "above_soft_limit"
         assert (await load_with(10))["load"] == "at_hard_limit"
-        async with client.stream("GET", "/_edge/events") as feed:
-            async for line in feed.aiter_lines():
-                if line.startswith("data: "):
-                    assert json.loads(line[6:])["machines"][0]["load"] == "ok"
-                    break
+        fed: dict | None = None
+        with anyio.fail_after(15):  # the feed sends a document at once, then on every change
+            async with client.stream("GET", "/_edge/events") as feed:
+                async for line in feed.aiter_lines():
+                    if line.startswith("data: "):
+                        fed = json.loads(line[6:])
+                        break
+        assert fed is not None, "the event feed ended without a data: line"
+        assert fed["machines"][0]["load"] == "ok"

@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.edge.edge_probe import GATES, UPLOADS
+from tests.edge.edge_probe import GATES, SENT_SECOND, UPLOADS
 
 pytestmark = pytest.mark.anyio
 
@@ -19,19 +19,23 @@ async def test_sse_event_reaches_the_client_before_the_stream_ends(make_probes, 
     (a,) = make_probes(1)
     edge = make_edge([a])
     gate = GATES.setdefault("sse-first", threading.Event())
+    sent_second = SENT_SECOND.setdefault("sse-first", threading.Event())
+    # The machine holds its second event for up to 30 s (until the gate opens): a client timeout beyond
+    # that lets an edge that buffers the stream fail on the assertion below rather than on a timeout.
     async with (
-        httpx.AsyncClient(base_url=edge.url, timeout=10) as client,
+        httpx.AsyncClient(base_url=edge.url, timeout=60) as client,
         client.stream("GET", "/stream", params={"gate": "sse-first"}) as response,
     ):
         assert response.headers["content-type"] == "text/event-stream"
         chunks = response.aiter_raw()
         first = await chunks.__anext__()
-        # The machine is still holding its second event: the first one came through unbuffered.
-        assert not gate.is_set()
         assert b"event: first" in first
+        # The first event came while the machine still held its second one (and the stream's end).
+        assert not sent_second.is_set(), "the first event reached the client only after the machine sent the second"
         gate.set()
         rest = b"".join([chunk async for chunk in chunks])
     assert b"event: second" in rest
+    assert sent_second.is_set()
 
 
 async def test_upload_streams_to_the_machine(make_probes, make_edge) -> None:
