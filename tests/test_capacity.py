@@ -22,15 +22,18 @@ pytestmark = pytest.mark.anyio
 def test_live_sessions_drop_idle_ones_but_keep_those_with_a_request_in_flight() -> None:
     live = LiveSessions(idle_timeout=10)
     for name in (b"a", b"b", b"c"):
-        live.seen(name, 0.0)
-    live.started(b"b", 0.0)  # b holds an event stream
+        live.minted(name, "/mcp", 0.0)
+    assert live.started(b"b", 0.0)  # b holds an event stream
+    assert not live.started(b"x", 0.0)  # not minted here: never counted
     assert live.count(5.0) == 3
     assert live.count(11.0) == 1  # a and c idled out; b's stream is still open
     live.finished(b"b", 30.0)
     assert live.count(35.0) == 1
     assert live.count(41.0) == 0
-    live.seen(b"d", 50.0)
-    live.ended(b"d")
+    live.minted(b"d", "/mcp", 50.0)
+    live.ended(b"d", "/other")  # another route's answer does not end it
+    assert live.count(50.0) == 1
+    live.ended(b"d", "/mcp")
     assert live.count(50.0) == 0
 
 
@@ -56,7 +59,7 @@ def test_admission_sends_elsewhere_then_gives_up_with_one_503() -> None:
     admission = Admission(max_sessions=1, max_legacy_sessions=1, idle_timeout=60, rate=None, burst=1)
     ask = {"client": b"c", "legacy": False, "replayable": True, "now": 0.0}
     assert admission.refusal(hops=0, **ask) is None  # type: ignore[arg-type]
-    admission.live.seen(b"s1", 0.0)
+    admission.live.minted(b"s1", "/mcp", 0.0)
     assert admission.refusal(hops=0, **ask) == Elsewhere(1)  # type: ignore[arg-type]
     assert admission.refusal(hops=1, **ask) == Elsewhere(2)  # type: ignore[arg-type]
     assert admission.refusal(hops=2, **ask) == Full()  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fly_replay_router.affinity.decision import Arrival
 from fly_replay_router.affinity.forward import FORWARDED_FROM
+from fly_replay_router.affinity.handover import HANDED_OVER
 from fly_replay_router.fly import (
     FLY_PREFERRED_INSTANCE_UNAVAILABLE,
     FLY_REPLAY_FAILED,
@@ -53,3 +54,19 @@ def replay_state(headers: list[tuple[bytes, bytes]]) -> str | None:
         if name == FLY_REPLAY_SRC_HEADER:
             return parse_replay_src(value.decode("latin-1")).state
     return None
+
+
+def arrived_via(headers: list[tuple[bytes, bytes]]) -> str:
+    """The hops that brought a request here, for ``affinity-served-by``: ``replay``, ``forward``,
+    ``handover`` in the order they happen, joined by ``+``; ``direct`` when none (a request Fly's
+    replay cache sent straight to its owner included: it carries no ``fly-replay-src``)."""
+    replayed = forwarded = handed = False
+    for name, _ in headers:
+        if name == FLY_REPLAY_SRC_HEADER:
+            replayed = True
+        elif name == FORWARDED_FROM:
+            forwarded = True
+        elif name == HANDED_OVER:
+            handed = True
+    hops = [hop for hop, present in (("replay", replayed), ("forward", forwarded), ("handover", handed)) if present]
+    return "+".join(hops) or "direct"

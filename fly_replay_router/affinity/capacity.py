@@ -1,54 +1,69 @@
 """Sessions as a budget: how many this process holds, and who may open new ones.
 
-- ``LiveSessions`` counts the handshake-era sessions this process minted and still holds: a session
-  is live from the response that minted it until a ``DELETE`` ends it, the inner server answers 404
-  for it, or it sees no request for ``idle_timeout`` seconds (the SDK's own idle reaping, which the
-  layer cannot observe, uses the same timeout). A request in flight (an open event stream) keeps its
-  session live however long it lasts. Legacy HTTP+SSE sessions live exactly as long as their
-  ``GET /sse`` stream, which the layer sees open and close: ``legacy_streams``.
-- ``NewSessionLimiter`` is a token bucket per client (``Fly-Client-IP``, which Fly's proxy sets and
-  strips from client requests): one client cannot open sessions faster than ``rate`` per second
-  beyond a ``burst``. It is consulted only for requests that carry no session.
+The budget counts what the inner server holds, learnt from its answers (``rewrite`` reports them):
+
+- ``LiveSessions`` counts the handshake-era sessions this process minted and still holds. A session
+  counts from an answer under 400 that minted it (a response ``Mcp-Session-Id`` the request did not
+  carry) until the server ends it: a ``DELETE`` it answered 2xx, or its own 404 "Session not found",
+  both on the path the session was minted on (its MCP endpoint), or ``idle_timeout`` seconds without
+  a request (the SDK's own idle reaping, given the same timeout). A request in flight (an open event
+  stream) keeps its session live however long it lasts. Nothing else changes the count: a 404 from
+  another route, or a request for a session this process did not mint, leaves it as it is.
+- Legacy HTTP+SSE sessions live exactly as long as the stream whose ``endpoint`` event named them,
+  which the layer sees pass and end: ``legacy_streams``.
+- ``NewSessionLimiter`` is a token bucket per client: one client cannot open sessions faster than
+  ``rate`` per second beyond a ``burst``. ``client_key`` says who the client is.
 
 Reference: Fly "Request headers" (``Fly-Client-IP``: https://fly.io/docs/networking/request-headers/);
-MCP "Transports", session management (an idle session may be ended by the server at any time).
+MCP "Transports", session management (an idle session may be ended by the server at any time,
+https://modelcontextprotocol.io/specification/2025-11-25/basic/transports).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from fly_replay_router.asgi import Scope
-from fly_replay_router.fly import FLY_CLIENT_IP, ReplayInstruction
+from fly_replay_router.fly import FLY_CLIENT_IP, ReplayInstruction, ascii_decimal
 
 _FLY_CLIENT_IP = FLY_CLIENT_IP.encode("ascii")
+# The longest textual IP address (an IPv6 address with an embedded IPv4 one) is 45 characters.
+_MAX_ADDRESS_TEXT = 45
+# Clients whose address Fly's proxy did not give (callers on the private network) share one bucket.
+UNATTRIBUTED = b"-"
 
 
 class LiveSessions:
     """The sessions this process minted and still holds, for the cap (see the module docstring)."""
 
-    __slots__ = ("_in_flight", "_last_seen", "idle_timeout", "legacy_streams")
+    __slots__ = ("_in_flight", "_last_seen", "_paths", "idle_timeout", "legacy_streams")
 
     def __init__(self, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
         self._last_seen: OrderedDict[bytes, float] = OrderedDict()
+        self._paths: dict[bytes, str] = {}
         self._in_flight: dict[bytes, int] = {}
         self.legacy_streams = 0
 
-    def seen(self, inner: bytes, now: float) -> None:
-        """A request of session ``inner`` (minted or served) at ``now``."""
+    def minted(self, inner: bytes, path: str, now: float) -> None:
+        """The inner server minted session ``inner`` at ``path`` (its MCP endpoint), answering under 400."""
         self._last_seen[inner] = now
         self._last_seen.move_to_end(inner)
+        self._paths[inner] = path
 
-    def started(self, inner: bytes, now: float) -> None:
-        """A request of ``inner`` arrived at ``now`` and is in flight (until ``finished``)."""
+    def started(self, inner: bytes, now: float) -> bool:
+        """A request of ``inner`` arrived at ``now``; True if the session counts (then call ``finished``)."""
         last_seen = self._last_seen
+        if inner not in last_seen:
+            return False
         last_seen[inner] = now
         last_seen.move_to_end(inner)
         in_flight = self._in_flight
         in_flight[inner] = in_flight.get(inner, 0) + 1
+        return True
 
     def finished(self, inner: bytes, now: float) -> None:
         """The request ``started`` for ``inner`` has ended; its session counts as active until now."""
@@ -63,9 +78,11 @@ class LiveSessions:
             last_seen[inner] = now
             last_seen.move_to_end(inner)
 
-    def ended(self, inner: bytes) -> None:
-        """The session is gone (``DELETE`` answered 2xx, or the inner server answered 404 for it)."""
-        self._last_seen.pop(inner, None)
+    def ended(self, inner: bytes, path: str) -> None:
+        """The server ended ``inner`` on ``path``: counted no more if that is where it was minted."""
+        if self._paths.get(inner) == path:
+            del self._paths[inner]
+            self._last_seen.pop(inner, None)
 
     def count(self, now: float) -> int:
         """Live handshake-era sessions at ``now``: idle ones are dropped first (oldest first, O(dropped))."""
@@ -76,19 +93,22 @@ class LiveSessions:
             if at > horizon:
                 break
             if inner in self._in_flight:  # a held stream: still live, look again an idle timeout later
-                self.seen(inner, now)
+                last_seen.move_to_end(inner)
+                last_seen[inner] = now
                 if len(self._in_flight) >= len(last_seen):
                     break
                 continue
             del last_seen[inner]
+            self._paths.pop(inner, None)
         return len(last_seen)
 
 
 class NewSessionLimiter:
     """A token bucket per client key: ``burst`` sessions at once, then ``rate`` per second.
 
-    At most ``max_clients`` buckets are kept; beyond that the least recently used is forgotten
-    (a forgotten client starts again with a full bucket: the limit errs on the side of serving).
+    At most ``max_clients`` buckets are kept, each keyed by at most 8 bytes (``client_key``); beyond
+    that the least recently used is forgotten (a forgotten client starts again with a full bucket: the
+    limit errs on the side of serving).
     """
 
     __slots__ = ("_buckets", "burst", "max_clients", "rate")
@@ -178,14 +198,17 @@ class Admission:
         self.max_sessions = max_sessions
         self.max_legacy_sessions = max_legacy_sessions
 
-    def refusal(self, *, client: bytes, legacy: bool, hops: int, replayable: bool, now: float) -> Refusal | None:
+    def refusal(
+        self, *, client: bytes, legacy: bool, hops: int, replayable: bool, now: float, rate: bool = True
+    ) -> Refusal | None:
         """None to let the request open a session; else how to refuse it.
 
-        ``legacy``: a ``GET`` that may open a legacy SSE stream (else a ``POST`` that may initialize).
+        ``legacy``: a legacy SSE session (else a handshake-era Streamable HTTP one).
         ``hops``: full machines this request was already sent away from (``full_hops``).
         ``replayable``: Fly can replay the body (else a full machine cannot send it elsewhere).
+        ``rate``: spend one of the client's tokens (False when this request already spent one).
         """
-        if self.limiter is not None:
+        if rate and self.limiter is not None:
             wait = self.limiter.take(client, now)
             if wait > 0:
                 return RateLimited(max(1, math.ceil(wait)))
@@ -201,17 +224,36 @@ class Admission:
 
 
 def client_key(scope: Scope) -> bytes:
-    """Who opens a session: ``Fly-Client-IP`` (set by Fly's proxy, never by the client), else the peer."""
+    """Who opens a session, as Fly's proxy sees clients: the ``Fly-Client-IP`` it sets, as packed bytes.
+
+    An IPv6 client is its /64 (one subscriber's network, RFC 6177), an IPv4 client its address. The
+    key is at most 8 bytes, whatever the header holds. ``X-Forwarded-For`` and the connection's peer
+    are never used: a client may send the first, and behind Fly's proxy the second is the proxy.
+    Without a valid ``Fly-Client-IP`` (a caller on the private network) the key is ``UNATTRIBUTED``,
+    one bucket shared by all such callers.
+    """
     for name, value in scope["headers"]:
         if name == _FLY_CLIENT_IP:
-            return value  # type: ignore[no-any-return]
-    client = scope.get("client")
-    return client[0].encode("latin-1") if client else b"-"
+            return _address_key(value)
+    return UNATTRIBUTED
+
+
+def _address_key(value: bytes) -> bytes:
+    if len(value) > _MAX_ADDRESS_TEXT or not value.isascii():
+        return UNATTRIBUTED
+    try:
+        address = ipaddress.ip_address(value.decode("ascii").strip())
+    except ValueError:
+        return UNATTRIBUTED
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        return mapped.packed if mapped is not None else address.packed[:8]
+    return address.packed
 
 
 def full_hops(replay_state: str | None) -> int:
     """Full machines a request was sent away from, from the ``state`` of its ``fly-replay-src``."""
     if replay_state is None or not replay_state.startswith(FULL_STATE_PREFIX):
         return 0
-    count = replay_state[len(FULL_STATE_PREFIX) :]
-    return int(count) if count.isdigit() and len(count) < 3 else MAX_FULL_HOPS
+    count = ascii_decimal(replay_state[len(FULL_STATE_PREFIX) :], max_digits=2)
+    return MAX_FULL_HOPS if count is None else count

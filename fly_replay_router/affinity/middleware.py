@@ -22,14 +22,23 @@ from __future__ import annotations
 import time
 
 from fly_replay_router.affinity.answers import send_forward_failure, send_not_found, send_refusal, send_replay
-from fly_replay_router.affinity.arrival import LARGE_BODY, ROUTING_HEADERS, SMALL_BODY, arrival, replay_state
-from fly_replay_router.affinity.capacity import Admission, Elsewhere, Refusal, client_key, full_hops
+from fly_replay_router.affinity.arrival import (
+    LARGE_BODY,
+    ROUTING_HEADERS,
+    SMALL_BODY,
+    arrival,
+    arrived_via,
+    replay_state,
+)
+from fly_replay_router.affinity.capacity import Admission, Elsewhere, LiveSessions, Refusal, client_key, full_hops
 from fly_replay_router.affinity.carriers import AmbiguousCarrier, QueryCarrier, find_query_carrier
 from fly_replay_router.affinity.decision import Forward, Reject, Replay, Serve, decide
 from fly_replay_router.affinity.forward import OwnerForwarder, body_replayable
+from fly_replay_router.affinity.handover import HANDED_OVER
 from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.metrics import DecisionCounts
-from fly_replay_router.affinity.rewrite import Answer, echoing_send, minting_send
+from fly_replay_router.affinity.orphans import end_orphan
+from fly_replay_router.affinity.rewrite import Answer, LegacyRefused, watching_send
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.affinity.workers import WORKER_SEPARATOR, HandOver, WorkerChannel, decide_worker, handed_over
 from fly_replay_router.affinity.workers import socket_dir as worker_socket_dir
@@ -44,6 +53,15 @@ from fly_replay_router.settings import AffinitySettings
 _HANDSHAKE_VERSIONS = frozenset(version.encode("ascii") for version in HANDSHAKE_PROTOCOL_VERSIONS)
 # The SDK's DNS-rebinding check answers 421 (Misdirected Request) to a disallowed Host.
 _MISDIRECTED = 421
+# Headers that say the request did not come straight from a client (and so how it arrived).
+_ARRIVAL_HEADERS = ROUTING_HEADERS | {HANDED_OVER}
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """``exc`` is ``kind``, or a group (anyio's task groups) of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)
 
 
 class AffinityMiddleware:
@@ -71,6 +89,7 @@ class AffinityMiddleware:
         )
         # Several worker processes per machine: which one owns a session (fly_replay_router.affinity.workers).
         self.workers = WorkerChannel(worker_socket_dir(settings), serve=self, lazy=settings.workers > 1)
+        self._served_by_values: dict[tuple[str, str], bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,7 +116,7 @@ class AffinityMiddleware:
                 length = value
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name in ROUTING_HEADERS:
+            elif name in _ARRIVAL_HEADERS:
                 routing = True
         query_carrier: QueryCarrier | None = None
         if scope["query_string"]:
@@ -110,12 +129,12 @@ class AffinityMiddleware:
 
         if not carriers:
             method = scope["method"]
-            if version is not None and version not in _HANDSHAKE_VERSIONS and method == "POST":
-                # 2026-07-28 and later: sessionless, any machine serves it, nothing to mint.
-                self._counts.passed += 1
-                await self.app(scope, receive, send)
-                return
-            if method == "POST" or method == "GET":  # the methods that open sessions
+            admitted = False
+            if (method == "POST" or method == "GET") and (
+                version is None or version in _HANDSHAKE_VERSIONS or method == "GET"
+            ):
+                # A request that may open a session: admitted before the server sees it (the cheap
+                # refusal), and again when the server's answer shows it did (``rewrite``).
                 refusal = self._admission.refusal(
                     client=client_key(scope),
                     legacy=method == "GET",
@@ -124,33 +143,18 @@ class AffinityMiddleware:
                     now=time.monotonic(),
                 )
                 if refusal is not None:
-                    await self._refuse(scope, send, refusal)
+                    await self.refuse(scope, send, refusal)
                     return
+                admitted = True
+            # Sessionless (2026-07-28 and later) and everything else: passed on, and watched all the
+            # same, since only the server's answer tells whether it minted a session after all.
             self._counts.passed += 1
             answer = Answer()
-            try:
-                await self.app(
-                    scope,
-                    receive,
-                    minting_send(
-                        scope,
-                        send,
-                        answer,
-                        issue_token=self.issue_token,
-                        live=self._admission.live,
-                        workers=self.workers,
-                    ),
-                )
-            except ValueError:
-                # The official SDK's legacy GET /sse answers a disallowed Host with 421, then raises
-                # ValueError("Request validation failed"): a traceback per request, for a refusal
-                # by design. Only that shape is absorbed (a complete 421, then ValueError).
-                if not (answer.complete and answer.status == _MISDIRECTED):
-                    raise
-                self._reject(scope, "host_not_allowed", None, count=False)
-            finally:
-                if answer.legacy_stream:
-                    self._admission.live.legacy_streams -= 1
+            served_by = self._served_by(headers, routing)
+            watching = watching_send(
+                scope, send, answer, self, served=None, token=None, admitted=admitted, served_by=served_by
+            )
+            await self._pass_on(scope, receive, watching, answer)
             return
         if carriers > 1:
             self._reject(scope, "ambiguous_carrier", None)
@@ -195,16 +199,87 @@ class AffinityMiddleware:
         else:
             scope["query_string"] = query_carrier.replaced(scope["query_string"], inner)
         live = self._admission.live
-        live.started(inner, time.monotonic())
+        # A legacy message post names its session in the query; the session counts by its stream.
+        counted = query_carrier is None and live.started(inner, time.monotonic())
+        answer = Answer()
+        # A token that verified is ASCII, whichever carrier it came in.
+        watching = watching_send(
+            scope,
+            send,
+            answer,
+            self,
+            served=inner,
+            token=token_text.encode("ascii"),
+            admitted=False,
+            served_by=self._served_by(headers, routing),
+            streamable=query_carrier is None,
+        )
         try:
-            # A token that verified is ASCII, whichever carrier it came in.
-            await self.app(
-                scope,
-                receive,
-                echoing_send(scope, send, inner, token_text.encode("ascii"), issue_token=self.issue_token, live=live),
-            )
+            await self._pass_on(scope, receive, watching, answer)
         finally:
-            live.finished(inner, time.monotonic())
+            if counted:
+                live.finished(inner, time.monotonic())
+
+    async def _pass_on(self, scope: Scope, receive: Receive, send: Send, answer: Answer) -> None:
+        """Run the inner app with a watching ``send``; then settle what its answer left to do."""
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:
+            if answer.refused and _only(exc, LegacyRefused):
+                pass  # the legacy stream the budget refused has ended, as for a client that left
+            elif isinstance(exc, ValueError) and answer.complete and answer.status == _MISDIRECTED:
+                # The official SDK's legacy GET /sse answers a disallowed Host with 421, then raises
+                # ValueError("Request validation failed"): a traceback per request, for a refusal
+                # by design. Only that shape is absorbed (a complete 421, then ValueError).
+                self._reject(scope, "host_not_allowed", None, count=False)
+            else:
+                raise
+        finally:
+            if answer.legacy_stream:
+                self._admission.live.legacy_streams -= 1
+            for orphan in answer.orphans:
+                await end_orphan(self.app, scope, answer.root_path, orphan)
+
+    @property
+    def live(self) -> LiveSessions:
+        """The sessions this process holds (the budget's count)."""
+        return self._admission.live
+
+    def admit(self, scope: Scope, *, legacy: bool, admitted: bool) -> Refusal | None:
+        """Whether the session the server just minted may stay (``rewrite.Minting``)."""
+        length: bytes | None = None
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        return self._admission.refusal(
+            client=client_key(scope),
+            legacy=legacy,
+            hops=full_hops(replay_state(scope["headers"])),
+            replayable=body_replayable(length, chunked),
+            now=time.monotonic(),
+            rate=not admitted,
+        )
+
+    async def minting(self, scope: Scope) -> None:
+        """The first session a worker mints opens its hand-over channel, if the lifespan did not and
+        several workers are declared."""
+        workers = self.workers
+        if workers.lazy and not workers.serving:
+            await workers.start(state=scope.get("state"), root=scope.get("app"))
+
+    def _served_by(self, headers: list[tuple[bytes, bytes]], routing: bool) -> bytes:
+        """The ``affinity-served-by`` value: this machine and worker, and the hops that brought the request."""
+        via = arrived_via(headers) if routing else "direct"
+        key = (self.workers.tag, via)
+        value = self._served_by_values.get(key)
+        if value is None:
+            value = f"machine={self.settings.machine_id};worker={self.workers.tag};via={via}".encode("ascii")
+            if len(self._served_by_values) < 64:
+                self._served_by_values[key] = value
+        return value
 
     async def aclose(self) -> None:
         """Close the connections kept open to other machines for forwarding."""
@@ -219,7 +294,11 @@ class AffinityMiddleware:
         body = f"Session owned by machine {owner}: Fly's proxy replays this request there.\n"
         await send_replay(send, self.settings.replay_instruction(owner), body)
 
-    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+    def record_refusal(self, scope: Scope, refusal: Refusal) -> None:
+        """Count and log a refused session that could not be answered (its legacy stream had started)."""
+        self._reject(scope, "at_capacity" if isinstance(refusal, Elsewhere) else refusal.reason, None)
+
+    async def refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
         """Answer a request that may not open a session here now (see ``capacity.Admission``)."""
         if isinstance(refusal, Elsewhere):
             self._record(scope, "replayed", "at_capacity", None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from fly_replay_router import fly
 from fly_replay_router.asgi import Receive, Scope, Send
 from fly_replay_router.edge.context import EdgeContext
 from fly_replay_router.edge.guard import refusal
@@ -125,7 +126,7 @@ async def _kill_worker(ctx: EdgeContext, machine_id: str, pid_text: str, send: S
         await respond_json(send, 409, {"error": f"machine {machine_id} {why}: the edge has no worker of it to kill"})
         return
     try:
-        pid = int(pid_text) if pid_text.isdigit() else -1
+        pid = fly.ascii_decimal(pid_text, max_digits=10) or -1
         await kill_worker(process.pid, machine.port, pid)
     except NotAWorker:
         entry = machine.to_json()

@@ -115,7 +115,7 @@ def read_client_request(scope: Mapping[str, Any], *, region: str, edge_port: int
         elif name == "transfer-encoding":
             content_length = None
         elif name == "content-length" and content_length is not None:
-            content_length = int(value) if value.strip().isdigit() else None
+            content_length = fly.ascii_decimal(value.strip(), max_digits=20)
         if name in HOP_BY_HOP or name in PROXY_OWNED or name in connection_tokens:
             continue
         headers.append((name, value))

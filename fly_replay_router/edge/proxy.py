@@ -118,6 +118,12 @@ class EdgeProxy:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
         ctx.status.requests += 1
+        if not str(scope["path"]).startswith("/"):
+            # The asterisk form (``OPTIONS *``, RFC 9112 section 3.2.4) names no resource of a machine,
+            # and what Fly's proxy does with it is not documented: the edge answers it itself.
+            status = 204 if scope["method"] == "OPTIONS" else 400
+            await respond(send, status, b"" if status == 204 else b"bad request target\n", content_type=TEXT)
+            return
         request = read_client_request(scope, region=ctx.config.region, edge_port=ctx.config.edge_port)
         body = RequestBody(receive, request.content_length, ctx.config.max_body, ctx.config.fly_toml.idle_timeout)
         try:

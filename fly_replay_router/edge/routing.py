@@ -142,7 +142,9 @@ class Router:
         except fly.InvalidReplay as exc:
             raise EdgeError(502, "PA03", f"invalid fly-replay from machine {machine.id}: {exc}") from None
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise EdgeError(502, "upstream_error", f"machine {machine.id}: {exc}") from None
+            # The client learns which machine failed, never its internal address (aiohttp's text has it).
+            logger.warning("edge: machine %s failed a request: %r", machine.id, exc)
+            raise EdgeError(502, "upstream_error", f"machine {machine.id} could not complete the request") from None
         finally:
             finish_upstream(machine, response, reuse=drained)
 
@@ -241,7 +243,7 @@ class Router:
             return
         ttl_text = response.headers.get(fly.FLY_REPLAY_CACHE_TTL_SECS, "")
         if value.startswith("/"):
-            self._path_rule = (value, int(ttl_text) if ttl_text.strip().isdigit() else 10)
+            self._path_rule = (value, fly.ascii_decimal(ttl_text.strip(), max_digits=9) or 10)
         elif directive is not None and directive.prefix is not None:
             self._path_rule = (directive.prefix, directive.ttl_seconds or 10)
         else:

@@ -19,6 +19,9 @@ from fly_replay_router.fly.fields import (
     InvalidReplay as InvalidReplay,
 )
 from fly_replay_router.fly.fields import (
+    ascii_decimal as ascii_decimal,
+)
+from fly_replay_router.fly.fields import (
     format_duration as format_duration,
 )
 from fly_replay_router.fly.fields import (
@@ -154,6 +157,7 @@ __all__ = [
     "ReplayInstruction",
     "ReplaySource",
     "ReplayTransform",
+    "ascii_decimal",
     "format_duration",
     "parse_duration",
     "parse_fields",

@@ -10,7 +10,7 @@ import re
 
 from fly_replay_router.fly.names import MAX_DURATION_SECONDS
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -57,6 +57,18 @@ def format_fields(pairs: list[tuple[str, str]]) -> str:
 
 def join_present(**fields: str | int | None) -> str:
     return ";".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+
+
+def ascii_decimal(text: str, *, max_digits: int) -> int | None:
+    """``text`` as a non-negative decimal number of ASCII digits only (at most ``max_digits``), else None.
+
+    ``int()`` and ``str.isdigit()`` accept any Unicode digit (``int("\u0663")`` is 3, ``"\u00b2".isdigit()``
+    is true but ``int()`` refuses it); HTTP's grammar has only ASCII ``DIGIT`` (RFC 9110 section 5.6.1,
+    RFC 5234 appendix B.1), so every number read from a header or a path goes through here.
+    """
+    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 def parse_duration(text: str) -> float:
