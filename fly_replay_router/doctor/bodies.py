@@ -39,12 +39,17 @@ async def check_large_bodies(endpoint: Endpoint, attempts: int) -> CheckResult:
     if run.token is None or run.owner is None:
         return unknown("large_bodies", "not checked: no session with an affinity-served-by header could be opened")
     sent: list[Exchange] = []
+    small: Exchange | None = None
     try:
         for _ in range(attempts):
             exchange = await endpoint.post("ping", token=run.token, body=large_ping(endpoint.next_id()))
             sent.append(exchange)
             served = exchange.served_by
-            if not exchange.ok or (served is not None and served.via == "forward"):
+            if not exchange.ok:
+                # Is the session itself still there? Then only the way the large body took is broken.
+                small = await endpoint.post("ping", token=run.token)
+                break
+            if served is not None and served.via == "forward":
                 break
     finally:
         await close_session(endpoint, run)
@@ -56,13 +61,15 @@ async def check_large_bodies(endpoint: Endpoint, attempts: int) -> CheckResult:
         "statuses": status_counts([exchange.describe() for exchange in sent]),
         "forwarded": len(forwarded),
         "median_ms": milliseconds([exchange.seconds for exchange in sent if exchange.ok]),
+        "small_request_after": None if small is None else small.describe(),
     }
     if not last.ok:
         if last.status == 413:
             cause = "the server refuses bodies this large (413): raise its body limit if clients send big arguments"
-        elif last.status is not None and last.status in (502, 503, 504):
+        elif last.status in (404, 502, 503, 504) and small is not None and small.ok:
             cause = (
-                f"the machine that received the body could not reach the session's owner over the private network "
+                f"the session is alive (a small request right after got {small.status}), but the machine that "
+                f"received the large body could not reach the session's owner over the private network "
                 f"({last.status}): the app must also listen on IPv6 (Fly's private network is IPv6: bind [::] as "
                 "fly_replay_router.serve does), on the port AFFINITY_PEER_URL names"
             )

@@ -55,6 +55,7 @@ def judge_replays(runs: list[SessionRun]) -> CheckResult:
     cache, after, again = replay_cache_state(runs)
     evidence = {
         "arrived": {via: len(exchanges) for via, exchanges in sorted(by_via.items())},
+        "handed_over": sum(1 for run in runs for e in run.requests if e.served_by and "handover" in e.served_by.hops),
         "replayed_statuses": status_counts([exchange.describe() for exchange in replayed]),
         "median_ms_direct": milliseconds([exchange.seconds for exchange in direct if exchange.ok]),
         "median_ms_replayed": milliseconds([exchange.seconds for exchange in replayed if exchange.ok]),

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from fly_replay_router.doctor.served_by import ServedBy
+from fly_replay_router.doctor.served_by import SERVED_BY_HEADER, ServedBy
 from fly_replay_router.protocol import HANDSHAKE_PROTOCOL_VERSIONS
 
 HANDSHAKE_VERSION = HANDSHAKE_PROTOCOL_VERSIONS[-1]
@@ -45,7 +45,7 @@ class Exchange:
     @property
     def served_by(self) -> ServedBy | None:
         """The layer's ``affinity-served-by`` answer header, parsed; None when absent or malformed."""
-        return ServedBy.parse(self.headers.get("affinity-served-by"))
+        return ServedBy.parse(self.headers.get(SERVED_BY_HEADER))
 
     @property
     def token(self) -> str | None:
