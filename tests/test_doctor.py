@@ -1,0 +1,188 @@
+"""``fly-replay-doctor`` against real fleets behind the local edge: every check passes on a healthy one,
+and each check fails, naming its cause, on a fleet broken its way.
+
+The doctor runs as users run it (``python -m fly_replay_router.doctor URL``, a real process) against
+real machines (the Dockerfile's command) behind the real edge (``python -m fly_replay_router.edge``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fly_replay_router.doctor.results import FIXES
+from tests.conftest import ROOT, SECRET, Machine, free_port, start_machine
+from tests.edge.edge_cli import FleetProcess, running_fleet
+
+CHECKS = [
+    "reachable",
+    "host_allowed",
+    "handshake",
+    "sessions_stick",
+    "replays",
+    "headers_survive_replay",
+    "large_bodies",
+    "event_streams",
+    "refusals",
+    "metrics_private",
+]
+# Round-robin: a session's requests land on the other machines in turn, so replays and forwards happen.
+EDGE_ARGS = ["--balance", "round-robin", "--autostop-interval", "3600"]
+
+
+def doctor(url: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fly_replay_router.doctor", url, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def checks_of(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    document = json.loads(completed.stdout)
+    assert [check["check"] for check in document["checks"]] == CHECKS
+    return {check["check"]: check for check in document["checks"]}
+
+
+@pytest.fixture(scope="module")
+def healthy_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
+    """Three machines of the demo behind the edge, as fly.toml deploys them."""
+    log = tmp_path_factory.mktemp("doctor") / "edge.log"
+    with running_fleet(["--machines", "3", *EDGE_ARGS], log) as fleet:
+        yield fleet
+
+
+@contextmanager
+def machines_behind_edge(tmp_path: Path, envs: dict[str, dict[str, str]], secrets: dict[str, str]) -> Iterator[str]:
+    """Machines started with their own environment, put behind an edge as ``--backend``; yields the MCP URL."""
+    with ExitStack() as stack, ThreadPoolExecutor(len(envs)) as pool:
+        futures = {
+            machine_id: pool.submit(start_machine, machine_id, secret=secrets[machine_id], extra_env=env)
+            for machine_id, env in envs.items()
+        }
+        started: list[Machine] = []
+        for future in futures.values():
+            machine = future.result()
+            started.append(machine)
+            stack.callback(machine.stop)
+        backends = [arg for machine in started for arg in ("--backend", f"{machine.machine_id}={machine.url}")]
+        fleet = stack.enter_context(running_fleet([*backends, *EDGE_ARGS], tmp_path / "edge.log"))
+        yield f"{fleet.url}/mcp"
+
+
+def test_every_check_passes_on_a_healthy_fleet(healthy_fleet: FleetProcess) -> None:
+    completed = doctor(
+        f"{healthy_fleet.url}/mcp", "--json", "--header", "Authorization: Bearer doctor-test", "--stream-wait", "40"
+    )
+    checks = checks_of(completed)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert {name: check["outcome"] for name, check in checks.items()} == dict.fromkeys(CHECKS, "pass")
+    stick = checks["sessions_stick"]["evidence"]
+    assert stick["requests"] == stick["answered_by_owner"] == 4 * 6
+    assert len(stick["owner_machines"]) >= 2  # round-robin spreads the sessions over the machines
+    replays = checks["replays"]["evidence"]
+    assert replays["arrived"]["replay"] >= 8  # two of three landings are on another machine
+    assert replays["replay_cache"] == "not in use"  # fly.toml's replay cache rule is commented out
+    assert checks["large_bodies"]["evidence"]["forwarded"] == 1
+    streams = checks["event_streams"]["evidence"]
+    assert streams["post_answer_encodings"] == ["none"]
+    assert streams["content_encoding"] == "none"
+    assert streams["headers_s"] < 5
+    assert streams["first_bytes_s"] < 30
+    refusals = checks["refusals"]["evidence"]
+    assert [refusals[name] for name in ("forged", "foreign_machine", "malformed", "ended")] == ["404"] * 4
+    assert refusals["modern_2026_07_28"] == "200"
+    # The progress line names each step on stderr; stdout is the JSON alone.
+    assert "sessions stick: 4 sessions x 6 requests" in completed.stderr
+    # The doctor ended every session it opened: the edge's session book is empty again.
+    assert [machine["sessions"] for machine in healthy_fleet.status()["machines"]] == [0, 0, 0]
+
+
+def test_a_host_that_is_not_allowed_is_named_with_the_setting_that_allows_it(healthy_fleet: FleetProcess) -> None:
+    completed = doctor(f"{healthy_fleet.url}/mcp", "--header", "Host: mcp.example.com")
+    assert completed.returncode == 1
+    line = next(line for line in completed.stdout.splitlines() if "host allowed" in line)
+    assert line.split()[0] == "FAIL"
+    assert "421" in line
+    assert "AFFINITY_ALLOWED_HOSTS=mcp.example.com" in completed.stdout
+    assert "deploy.md#allow-your-host-names" in completed.stdout
+    assert re.search(r"^\s+UNKNOWN\s+sessions stick", completed.stdout, re.MULTILINE)
+
+
+def test_machines_with_different_secrets_cannot_keep_sessions(tmp_path: Path) -> None:
+    envs = {"aaaaaaaaaaaaaa": {}, "bbbbbbbbbbbbbb": {}}
+    secrets = {"aaaaaaaaaaaaaa": SECRET, "bbbbbbbbbbbbbb": SECRET[::-1]}
+    with machines_behind_edge(tmp_path, envs, secrets) as url:
+        completed = doctor(url, "--json", "--stream-wait", "1")
+    checks = checks_of(completed)
+    assert completed.returncode == 1
+    stick = checks["sessions_stick"]
+    assert stick["outcome"] == "fail"
+    assert stick["evidence"]["statuses"].get("404", 0) >= 4  # every other landing is on the other secret
+    assert "AFFINITY_SECRET" in stick["cause"]
+    assert stick["fix"] == "deploy.md#one-secret-for-every-machine"
+
+
+def test_peers_that_cannot_reach_each_other_fail_large_bodies(tmp_path: Path) -> None:
+    # Each machine's AFFINITY_PEERS names ports where nothing listens: Fly's private network is broken.
+    ids = ("cccccccccccccc", "dddddddddddddd")
+    wrong_peers = ",".join(f"{machine_id}=http://[::1]:{free_port()}" for machine_id in ids)
+    envs = {machine_id: {"AFFINITY_PEERS": wrong_peers} for machine_id in ids}
+    with machines_behind_edge(tmp_path, envs, dict.fromkeys(ids, SECRET)) as url:
+        completed = doctor(url, "--json", "--stream-wait", "1")
+    checks = checks_of(completed)
+    assert completed.returncode == 1
+    assert checks["sessions_stick"]["outcome"] == "pass"  # replays go through Fly's proxy, not the peers
+    large = checks["large_bodies"]
+    assert large["outcome"] == "fail"
+    assert "private network" in large["cause"]
+    assert "IPv6" in large["cause"]
+    assert large["fix"] == "deploy.md#the-private-network"
+
+
+def test_public_metrics_and_compressed_streams_are_named(tmp_path: Path) -> None:
+    machine = start_machine("eeeeeeeeeeeeee", app="tests.doctor_apps:leaky_app")
+    try:
+        completed = doctor(f"{machine.url}/mcp", "--json", "--stream-wait", "2")
+    finally:
+        machine.stop()
+    checks = checks_of(completed)
+    assert completed.returncode == 1
+    streams = checks["event_streams"]
+    assert streams["outcome"] == "fail"
+    assert "gzip" in streams["summary"]
+    assert "Content-Encoding: none" in streams["cause"]
+    assert streams["fix"] == "deploy.md#event-streams"
+    metrics = checks["metrics_private"]
+    assert metrics["outcome"] == "fail"
+    assert "public port" in metrics["cause"]
+    assert metrics["fix"] == "deploy.md#keep-metrics-private"
+    # The other checks still see a working single machine.
+    assert checks["sessions_stick"]["outcome"] == "pass"
+    assert checks["refusals"]["outcome"] == "pass"
+
+
+def test_every_fix_names_a_section_of_the_deploy_page() -> None:
+    page = (ROOT / "docs" / "deploy.md").read_text()
+    anchors = {_slug(line.lstrip("#")) for line in page.splitlines() if line.startswith("#")}
+    for check, fix in FIXES.items():
+        name, _, anchor = fix.partition("#")
+        assert name == "deploy.md", check
+        assert anchor in anchors, f"{check}: no heading for #{anchor} in docs/deploy.md"
+
+
+def _slug(heading: str) -> str:
+    """The anchor MkDocs (Python-Markdown's toc extension) gives a heading."""
+    text = re.sub(r"[^\w\s-]", "", heading.strip().lower())
+    return re.sub(r"[-\s]+", "-", text).strip("-")
