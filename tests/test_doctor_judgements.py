@@ -88,7 +88,7 @@ def test_replay_latency_is_the_median_of_replayed_against_direct() -> None:
     assert verdict.outcome == "pass"
     assert verdict.evidence["median_ms_direct"] == 11.0
     assert verdict.evidence["median_ms_replayed"] == 60.0
-    assert "adds 49.0 ms" in verdict.summary
+    assert "median 60.0 ms replayed, 11.0 ms direct" in verdict.summary
 
 
 def test_answers_without_the_served_by_header_leave_stickiness_unknown_not_passed() -> None:

@@ -87,6 +87,6 @@ async def check_large_bodies(endpoint: Endpoint, attempts: int) -> CheckResult:
     return unknown(
         "large_bodies",
         f"all {len(sent)} large requests landed on their session's owner: forwarding was not exercised "
-        "(one machine, or the proxy kept choosing the owner)",
+        "(one machine, Fly's replay cache sending the session straight to its owner, or the proxy kept choosing it)",
         **evidence,
     )
