@@ -186,3 +186,27 @@ def _slug(heading: str) -> str:
     """The anchor MkDocs (Python-Markdown's toc extension) gives a heading."""
     text = re.sub(r"[^\w\s-]", "", heading.strip().lower())
     return re.sub(r"[-\s]+", "-", text).strip("-")
+
+
+def test_an_endpoint_that_does_not_answer_fails_reachable_and_decides_nothing_else() -> None:
+    completed = doctor(f"http://127.0.0.1:{free_port()}/mcp", "--json")
+    checks = checks_of(completed)
+    assert completed.returncode == 1
+    assert checks["reachable"]["outcome"] == "fail"
+    assert "ConnectError" in checks["reachable"]["evidence"]["error"]
+    assert checks["reachable"]["fix"] == "deploy.md#the-endpoint-does-not-answer"
+    assert {check["outcome"] for name, check in checks.items() if name != "reachable"} == {"unknown"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ftp://example.com/mcp"], "is not an http(s) URL"),
+        (["http://127.0.0.1/mcp", "--header", "no colon here"], "is not a header"),
+        (["http://127.0.0.1/mcp", "--sessions", "0"], "--sessions must be 1 to 100"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_sentence(args: list[str], message: str) -> None:
+    completed = doctor(*args)
+    assert completed.returncode == 2
+    assert message in completed.stderr
