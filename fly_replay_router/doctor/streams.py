@@ -79,6 +79,12 @@ def judge_event_streams(answered: list[Exchange], stream: dict[str, object], wai
         )
     headers_s, first_s = stream.get("headers_s"), stream.get("first_bytes_s")
     assert isinstance(headers_s, float)
+    if not isinstance(first_s, float) and wait < KEEPALIVE_LIMIT:
+        return unknown(
+            "event_streams",
+            f"not compressed; no keep-alive in the {wait:g} s waited (--stream-wait below {KEEPALIVE_LIMIT:g} s)",
+            **evidence,
+        )
     if not isinstance(first_s, float):
         return failed(
             "event_streams",
