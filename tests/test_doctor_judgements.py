@@ -110,3 +110,22 @@ def test_forged_and_foreign_tokens_differ_from_the_real_one(position: int) -> No
     assert len(forged(token)) == len(token)
     assert foreign(token).split(".", 1)[1] == token.split(".", 1)[1]
     assert foreign(token).split(".", 1)[0] != OWNER
+
+
+def test_a_stream_is_judged_on_its_encoding_first_then_on_its_keep_alive() -> None:
+    from fly_replay_router.doctor.streams import judge_event_streams
+
+    stream_answer = Exchange("initialize", status=200, headers=httpx.Headers({"content-type": "text/event-stream"}))
+    silent = {"status": 200, "headers_s": 0.02, "content_encoding": "none", "first_bytes_s": None}
+    assert judge_event_streams([stream_answer], silent, wait=2).outcome == "unknown"  # waited too little to say
+    verdict = judge_event_streams([stream_answer], silent, wait=35)
+    assert verdict.outcome == "fail"
+    assert "idle_timeout" in verdict.cause
+    brotli = Exchange(
+        "ping", status=200, headers=httpx.Headers({"content-type": "text/event-stream", "content-encoding": "br"})
+    )
+    kept_alive = {**silent, "first_bytes_s": 15.0}
+    assert judge_event_streams([stream_answer], kept_alive, wait=35).outcome == "pass"
+    verdict = judge_event_streams([stream_answer, brotli], kept_alive, wait=35)
+    assert verdict.outcome == "fail"
+    assert "Content-Encoding: br" in verdict.summary
