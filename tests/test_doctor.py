@@ -13,8 +13,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from contextlib import ExitStack, suppress
+from secrets import token_hex
 from typing import Any
 
 import pytest
@@ -63,22 +63,53 @@ def healthy_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetPro
         yield fleet
 
 
-@contextmanager
-def machines_behind_edge(tmp_path: Path, envs: dict[str, dict[str, str]], secrets: dict[str, str]) -> Iterator[str]:
-    """Machines started with their own environment, put behind an edge as ``--backend``; yields the MCP URL."""
-    with ExitStack() as stack, ThreadPoolExecutor(len(envs)) as pool:
-        futures = {
-            machine_id: pool.submit(start_machine, machine_id, secret=secrets[machine_id], extra_env=env)
-            for machine_id, env in envs.items()
-        }
-        started: list[Machine] = []
+# Fresh machine ids, as Fly's: a machine's hand-over socket is named after its id, so ids that other
+# test runs on this host use (aaaaaaaaaaaaaa, ...) would meet theirs.
+SECRETS_IDS = (token_hex(7), token_hex(7))
+PEERS_IDS = (token_hex(7), token_hex(7))
+LEAKY_ID = token_hex(7)
+
+
+@pytest.fixture(scope="module")
+def broken_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subprocess.CompletedProcess[str]]]:
+    """The doctor's run against each broken fleet; the doctors run side by side.
+
+    - ``secrets``: two machines with different AFFINITY_SECRET behind the edge;
+    - ``peers``: two machines whose AFFINITY_PEERS name ports where nothing listens (a broken 6PN);
+    - ``leaky``: one machine of ``tests.doctor_apps:leaky_app`` (streams compressed, public /metrics),
+      reached directly: an edge in front would add nothing those checks see.
+    """
+    log_dir = tmp_path_factory.mktemp("broken")
+    wrong_peers = ",".join(f"{machine_id}=http://[::1]:{free_port()}" for machine_id in PEERS_IDS)
+    plans: dict[str, dict[str, Any]] = {
+        SECRETS_IDS[0]: {"secret": SECRET},
+        SECRETS_IDS[1]: {"secret": SECRET[::-1]},
+        PEERS_IDS[0]: {"extra_env": {"AFFINITY_PEERS": wrong_peers}},
+        PEERS_IDS[1]: {"extra_env": {"AFFINITY_PEERS": wrong_peers}},
+        LEAKY_ID: {"app": "tests.doctor_apps:leaky_app"},
+    }
+    # Two machines start at a time: on two busy cores, more only makes each slower than its start timeout.
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
+        futures = {machine_id: pool.submit(start_machine, machine_id, **plan) for machine_id, plan in plans.items()}
+        machines: dict[str, Machine] = {}
+        for machine_id, future in futures.items():
+            with suppress(Exception):  # the first failure is raised below, once every machine is stopped
+                machines[machine_id] = future.result()
+                stack.callback(machines[machine_id].stop)
         for future in futures.values():
-            machine = future.result()
-            started.append(machine)
-            stack.callback(machine.stop)
-        backends = [arg for machine in started for arg in ("--backend", f"{machine.machine_id}={machine.url}")]
-        fleet = stack.enter_context(running_fleet([*backends, *EDGE_ARGS], tmp_path / "edge.log"))
-        yield f"{fleet.url}/mcp"
+            future.result()
+        urls: dict[str, str] = {}
+        for name, ids in (("secrets", SECRETS_IDS), ("peers", PEERS_IDS)):
+            edge = stack.enter_context(running_fleet([*_backends(machines, ids), *EDGE_ARGS], log_dir / f"{name}.log"))
+            urls[name] = f"{edge.url}/mcp"
+        urls["leaky"] = f"{machines[LEAKY_ID].url}/mcp"
+        with ThreadPoolExecutor(len(urls)) as doctors:
+            runs = {name: doctors.submit(doctor, url, "--json", "--stream-wait", "2") for name, url in urls.items()}
+        yield {name: run.result() for name, run in runs.items()}
+
+
+def _backends(machines: dict[str, Machine], ids: tuple[str, ...]) -> list[str]:
+    return [f"--backend={machine_id}={machines[machine_id].url}" for machine_id in ids]
 
 
 def test_every_check_passes_on_a_healthy_fleet(healthy_fleet: FleetProcess) -> None:
@@ -120,11 +151,10 @@ def test_a_host_that_is_not_allowed_is_named_with_the_setting_that_allows_it(hea
     assert re.search(r"^\s+UNKNOWN\s+sessions stick", completed.stdout, re.MULTILINE)
 
 
-def test_machines_with_different_secrets_cannot_keep_sessions(tmp_path: Path) -> None:
-    envs = {"aaaaaaaaaaaaaa": {}, "bbbbbbbbbbbbbb": {}}
-    secrets = {"aaaaaaaaaaaaaa": SECRET, "bbbbbbbbbbbbbb": SECRET[::-1]}
-    with machines_behind_edge(tmp_path, envs, secrets) as url:
-        completed = doctor(url, "--json", "--stream-wait", "1")
+def test_machines_with_different_secrets_cannot_keep_sessions(
+    broken_runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    completed = broken_runs["secrets"]
     checks = checks_of(completed)
     assert completed.returncode == 1
     stick = checks["sessions_stick"]
@@ -134,13 +164,10 @@ def test_machines_with_different_secrets_cannot_keep_sessions(tmp_path: Path) ->
     assert stick["fix"] == "deploy.md#one-secret-for-every-machine"
 
 
-def test_peers_that_cannot_reach_each_other_fail_large_bodies(tmp_path: Path) -> None:
-    # Each machine's AFFINITY_PEERS names ports where nothing listens: Fly's private network is broken.
-    ids = ("cccccccccccccc", "dddddddddddddd")
-    wrong_peers = ",".join(f"{machine_id}=http://[::1]:{free_port()}" for machine_id in ids)
-    envs = {machine_id: {"AFFINITY_PEERS": wrong_peers} for machine_id in ids}
-    with machines_behind_edge(tmp_path, envs, dict.fromkeys(ids, SECRET)) as url:
-        completed = doctor(url, "--json", "--stream-wait", "1")
+def test_peers_that_cannot_reach_each_other_fail_large_bodies(
+    broken_runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    completed = broken_runs["peers"]
     checks = checks_of(completed)
     assert completed.returncode == 1
     assert checks["sessions_stick"]["outcome"] == "pass"  # replays go through Fly's proxy, not the peers
@@ -148,15 +175,14 @@ def test_peers_that_cannot_reach_each_other_fail_large_bodies(tmp_path: Path) ->
     assert large["outcome"] == "fail"
     assert "private network" in large["cause"]
     assert "IPv6" in large["cause"]
+    assert large["evidence"]["small_request_after"] == "200"
     assert large["fix"] == "deploy.md#the-private-network"
 
 
-def test_public_metrics_and_compressed_streams_are_named(tmp_path: Path) -> None:
-    machine = start_machine("eeeeeeeeeeeeee", app="tests.doctor_apps:leaky_app")
-    try:
-        completed = doctor(f"{machine.url}/mcp", "--json", "--stream-wait", "2")
-    finally:
-        machine.stop()
+def test_public_metrics_and_compressed_streams_are_named(
+    broken_runs: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    completed = broken_runs["leaky"]
     checks = checks_of(completed)
     assert completed.returncode == 1
     streams = checks["event_streams"]
