@@ -29,6 +29,7 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``fly-replay-doctor``."""
     parser = argparse.ArgumentParser(
         prog="fly-replay-doctor",
         description=(
@@ -79,6 +80,7 @@ class ProgressLine:
         self.stream.flush()
 
     def done(self) -> None:
+        """Clear the line on a terminal before the report."""
         if self.tty and self.width:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()

@@ -39,6 +39,7 @@ class CheckResult:
         return FIXES.get(self.name) if self.outcome == "fail" else None
 
     def to_json(self) -> dict[str, Any]:
+        """The result as the ``--json`` report holds it: cause and fix only on a failure."""
         document: dict[str, Any] = {
             "check": self.name,
             "outcome": self.outcome,
@@ -52,14 +53,17 @@ class CheckResult:
 
 
 def passed(name: str, summary: str, **evidence: Any) -> CheckResult:
+    """A passing result."""
     return CheckResult(name, "pass", summary, evidence)
 
 
 def failed(name: str, summary: str, cause: str, **evidence: Any) -> CheckResult:
+    """A failing result, with its most likely cause (the fix follows from ``name``)."""
     return CheckResult(name, "fail", summary, evidence, cause)
 
 
 def unknown(name: str, summary: str, **evidence: Any) -> CheckResult:
+    """A result the doctor could not decide (not a failure)."""
     return CheckResult(name, "unknown", summary, evidence)
 
 

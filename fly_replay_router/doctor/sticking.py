@@ -46,6 +46,7 @@ async def open_session(endpoint: Endpoint) -> SessionRun:
 
 
 async def close_session(endpoint: Endpoint, run: SessionRun) -> None:
+    """``DELETE`` the session, as a client does when it closes."""
     if run.token is not None:
         run.closing = await endpoint.delete(run.token)
 

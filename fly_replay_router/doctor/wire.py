@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ class Exchange:
 
     @property
     def ok(self) -> bool:
+        """A 2xx answer."""
         return self.status is not None and 200 <= self.status < 300
 
     def describe(self) -> str:
@@ -77,9 +79,11 @@ class Endpoint:
         )
 
     async def aclose(self) -> None:
+        """Close the connection pool."""
         await self.client.aclose()
 
     def next_id(self) -> int:
+        """A JSON-RPC request id not used before by this endpoint."""
         return next(self._ids)
 
     async def post(
@@ -185,7 +189,7 @@ class Event:
     comment: bool = False
 
 
-async def iter_events(response: httpx.Response) -> Any:
+async def iter_events(response: httpx.Response) -> AsyncIterator[Event]:
     """Events and comments of an event stream as they arrive (``aiter_lines`` decodes the content coding)."""
     data: list[str] = []
     name = ""
