@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
+from pathlib import Path
 from secrets import token_hex
 from typing import Any
 
@@ -197,6 +198,18 @@ def test_public_metrics_and_compressed_streams_are_named(
     # The other checks still see a working single machine.
     assert checks["sessions_stick"]["outcome"] == "pass"
     assert checks["refusals"]["outcome"] == "pass"
+
+
+def test_the_replay_cache_is_seen_in_use_when_fly_toml_enables_it(tmp_path: Path) -> None:
+    # fly.toml's session replay cache rule with AFFINITY_FAILOVER=cached, as the deploy docs describe it.
+    args = ["--machines", "2", "--fly-toml", "tests/edge/fly.cached.toml", "--dockerfile", "Dockerfile", *EDGE_ARGS]
+    with running_fleet(args, tmp_path / "edge.log", env={"AFFINITY_FAILOVER": "cached"}) as fleet:
+        completed = doctor(f"{fleet.url}/mcp", "--json", "--stream-wait", "2")
+    replays = checks_of(completed)["replays"]
+    assert replays["evidence"]["replay_cache"] == "in use"
+    assert replays["evidence"]["replayed_again"] == 0
+    assert replays["evidence"]["requests_after_first_replay"] >= 3
+    assert checks_of(completed)["sessions_stick"]["outcome"] == "pass"
 
 
 def test_every_fix_names_a_section_of_the_deploy_page() -> None:
