@@ -3,7 +3,7 @@
 Command (from the repository root; not part of the test run)::
 
     .venv/bin/python -m tests.bench.failover_clients [--clients mcp1,mcp2,fastmcp,ts-sdk,mcp-remote]
-        [--modes safe,cached,prefer] [--losses crash,stop,destroy] [--out failover.json]
+        [--modes safe,cached,prefer] [--losses crash,stop,destroy,unreachable] [--out failover.json]
 
 Needs the compatibility environments (``.compat-envs/mcp1`` and ``.compat-envs/fastmcp``, built by
 ``tests/compat/envs.py``) and ``npm install @modelcontextprotocol/sdk mcp-remote`` in
@@ -17,9 +17,10 @@ also has fly.toml's session replay cache rule. For every client and every loss, 
 1. the client opens a session and calls ``whoami`` (which names the session's owner);
 2. the owner goes away: ``crash`` is SIGKILL (``machine kill``), ``stop`` a graceful stop (``machine
    stop``, SIGTERM then SIGKILL after kill_timeout); both come back when Fly's proxy autostarts them
-   for a replay, with empty memory. ``destroy`` is a machine that never answers again: stopped in a
-   fleet with ``auto_start_machines = false`` (the edge then treats it as it treats any machine it
-   cannot reach; a destroyed id on Fly is an id the proxy has no machine for);
+   for a replay, with empty memory. ``destroy`` kills the machine and removes its id from the app,
+   with a replacement under a new id (``failover_clients_edge.py``: blue-green deploys, scale-downs,
+   ``fly machine destroy``). ``unreachable`` is a machine that keeps its id but never answers again:
+   stopped in a fleet with ``auto_start_machines = false``;
 3. the client calls again, up to three times: the first call's time and outcome, and whether a later
    call works in the same client (it "recovers after N errors"), or never does ("stays broken": only a
    restart of the client helps). A first call that succeeds means the client started a new session
@@ -131,7 +132,7 @@ class Edge:
         self.log = log
         self.output = log.open("wb")
         env = {**os.environ, "AFFINITY_FAILOVER": mode}
-        argv = [sys.executable, "-m", "fly_replay_router.edge", "--port", "0", "--machines", "2"]
+        argv = [sys.executable, "-m", "tests.bench.failover_clients_edge", "--port", "0", "--machines", "2"]
         argv += ["--balance", "round-robin", "--fly-toml", str(fly_toml), "--dockerfile", str(ROOT / "Dockerfile")]
         self.process = subprocess.Popen(argv, cwd=ROOT, stdout=self.output, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 90
@@ -153,6 +154,14 @@ class Edge:
         with urllib.request.urlopen(f"{self.url}/_edge/status", timeout=10) as response:
             machines = json.loads(response.read())["machines"]
         return next(str(machine["state"]) for machine in machines if machine["id"] == machine_id)
+
+    def destroy(self, machine_id: str) -> int:
+        request = urllib.request.Request(f"{self.url}/_bench/machines/{machine_id}/destroy", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=90) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
 
     def restore(self, machine_id: str) -> None:
         self.control(machine_id, "start")
@@ -261,7 +270,10 @@ def play_round(edge: Edge, client: str, mode: str, loss: str, workdir: Path) -> 
             record.outcome, record.note = "first call failed", str(first)
             return record
         record.owner = machine_of(str(first["result"]))
-        edge.control(record.owner, "kill" if loss == "crash" else "stop")
+        if loss == "destroy":
+            edge.destroy(record.owner)
+        else:
+            edge.control(record.owner, "kill" if loss == "crash" else "stop")
         for _ in range(CALLS_AFTER_LOSS):
             answer = driver.call()
             record.calls.append(answer)
@@ -271,7 +283,7 @@ def play_round(edge: Edge, client: str, mode: str, loss: str, workdir: Path) -> 
         record.outcome = classify(record.calls, record.owner)
     finally:
         driver.close()
-        if record.owner:
+        if record.owner and loss != "destroy":  # a destroyed machine was replaced already
             edge.restore(record.owner)
     return record
 
@@ -292,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="mcp1,mcp2,fastmcp,ts-sdk,mcp-remote")
     parser.add_argument("--modes", default="safe,cached,prefer")
-    parser.add_argument("--losses", default="crash,stop,destroy")
+    parser.add_argument("--losses", default="crash,stop,destroy,unreachable")
     parser.add_argument("--out", type=Path, default=Path("failover-clients.json"))
     args = parser.parse_args(argv)
     clients, modes, losses = (value.split(",") for value in (args.clients, args.modes, args.losses))
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     for mode in modes:
         for autostart in (True, False):
-            fleet_losses = [loss for loss in losses if (loss != "destroy") == autostart]
+            fleet_losses = [loss for loss in losses if (loss != "unreachable") == autostart]
             if not fleet_losses:
                 continue
             with running_edge(mode, autostart, workdir) as edge:
