@@ -42,7 +42,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +163,8 @@ class Edge:
             return exc.code
 
     def restore(self, machine_id: str) -> None:
-        self.control(machine_id, "start")
+        if self.control(machine_id, "start") >= 500:
+            raise RuntimeError(f"machine {machine_id} failed to start again")
         deadline = time.monotonic() + 60
         while self.state(machine_id) != "started":
             if time.monotonic() > deadline:
@@ -181,17 +181,42 @@ class Edge:
         self.output.close()
 
 
-@contextlib.contextmanager
-def running_edge(mode: str, autostart: bool, workdir: Path) -> Iterator[Edge]:
-    fly_toml = workdir / f"fly.{mode}.{'autostart' if autostart else 'noautostart'}.toml"
-    fly_toml.write_text(
-        FLY_TOML.format(mode=mode, autostart=str(autostart).lower(), cache=CACHE_RULE if mode == "cached" else "")
-    )
-    edge = Edge(fly_toml, mode, workdir / f"edge.{fly_toml.stem}.log")
-    try:
-        yield edge
-    finally:
-        edge.close()
+class FleetHolder:
+    """One fleet for a mode; started again from scratch when a machine it stopped cannot start again.
+
+    The edge keeps a stopped machine's port, as Fly keeps its address; on a shared host another
+    process can take that port meanwhile, and then the machine cannot start (a fact of this host,
+    not of the client being measured).
+    """
+
+    def __init__(self, mode: str, autostart: bool, workdir: Path) -> None:
+        self.mode, self.autostart, self.workdir = mode, autostart, workdir
+        self.fly_toml = workdir / f"fly.{mode}.{'autostart' if autostart else 'noautostart'}.toml"
+        cache = CACHE_RULE if mode == "cached" else ""
+        self.fly_toml.write_text(FLY_TOML.format(mode=mode, autostart=str(autostart).lower(), cache=cache))
+        self.starts = 0
+        self.edge = self._start()
+
+    def _start(self) -> Edge:
+        self.starts += 1
+        return Edge(self.fly_toml, self.mode, self.workdir / f"edge.{self.fly_toml.stem}.{self.starts}.log")
+
+    def play(self, client: str, loss: str) -> Round:
+        record = play_round(self.edge, client, self.mode, loss, self.workdir)
+        if record.owner and loss != "destroy":  # a destroyed machine was replaced already
+            try:
+                self.edge.restore(record.owner)
+            except RuntimeError as exc:  # the owner could not start again: a new fleet for the next round
+                print(f"({exc}: starting the fleet again)", flush=True)
+                self.edge.close()
+                self.edge = self._start()
+        return record
+
+    def __enter__(self) -> FleetHolder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.edge.close()
 
 
 class Driver:
@@ -283,8 +308,6 @@ def play_round(edge: Edge, client: str, mode: str, loss: str, workdir: Path) -> 
         record.outcome = classify(record.calls, record.owner)
     finally:
         driver.close()
-        if record.owner and loss != "destroy":  # a destroyed machine was replaced already
-            edge.restore(record.owner)
     return record
 
 
@@ -325,10 +348,10 @@ def main(argv: list[str] | None = None) -> None:
             fleet_losses = [loss for loss in losses if (loss != "unreachable") == autostart]
             if not fleet_losses:
                 continue
-            with running_edge(mode, autostart, workdir) as edge:
+            with FleetHolder(mode, autostart, workdir) as holder:
                 for loss in fleet_losses:
                     for client in drivable:
-                        record = play_round(edge, client, mode, loss, workdir)
+                        record = holder.play(client, loss)
                         rounds.append(record)
                         print(
                             f"{mode:<7} {loss:<8} {client:<11} {record.outcome:<24} first call after the loss "
