@@ -2,7 +2,8 @@
 
 Each session is what a client does: ``initialize``, ``notifications/initialized``, ``ping`` M times,
 ``DELETE``. The owner is the machine and worker that answered ``initialize`` (its
-``affinity-served-by``); every later answer must come from the same one.
+``affinity-served-by``); every later answer (the notification's and the pings') must come from the
+same one.
 
 Reference: MCP "Transports", session management
 (https://modelcontextprotocol.io/specification/2025-11-25/basic/transports).
@@ -38,10 +39,14 @@ class SessionRun:
 
 
 async def open_session(endpoint: Endpoint) -> SessionRun:
-    """``initialize`` then ``notifications/initialized``, as every client starts."""
+    """``initialize`` then ``notifications/initialized``, as every client starts.
+
+    The notification is the session's first request (the first one Fly may replay, and so the one a
+    replay cache first learns the session from): it is ``requests[0]``.
+    """
     run = SessionRun(await endpoint.initialize())
     if run.token is not None:
-        await endpoint.post("notifications/initialized", token=run.token, notification=True)
+        run.requests.append(await endpoint.post("notifications/initialized", token=run.token, notification=True))
     return run
 
 
@@ -52,7 +57,10 @@ async def close_session(endpoint: Endpoint, run: SessionRun) -> None:
 
 
 async def run_sessions(endpoint: Endpoint, sessions: int, requests: int) -> list[SessionRun]:
-    """``sessions`` sessions side by side, each sending ``requests`` pings one after another, then DELETE."""
+    """``sessions`` sessions side by side, each sending ``requests`` pings one after another, then DELETE.
+
+    Each session's ``requests`` are its ``notifications/initialized`` and then the pings.
+    """
 
     async def one() -> SessionRun:
         run = await open_session(endpoint)
