@@ -56,7 +56,8 @@ STOP_TIMEOUT = 45.0
 # What a start that lost a race for a free port prints.
 PORT_CLASHES = ("Address already in use", "--metrics-port must differ from --port")
 _SET_UP = re.compile(
-    r'^python3 -m venv \.venv && \.venv/bin/pip install -q -e "\.\[(?P<extra>[a-z]+)\]"(?: && (?P<rest>.+))?$'
+    r"^python3 -m venv \.venv && \.venv/bin/pip install -q (?:-c [\w.-]+\.lock )*"
+    r'-e "\.\[(?P<extra>[a-z]+)\]"(?: && (?P<rest>.+))?$'
 )
 _LABEL = re.compile(r"^[A-Za-z][\w.]*:$")
 
