@@ -7,44 +7,72 @@ streamed back, both ways as the messages come (no body is buffered). The exchang
 in frames, so the owner runs the request through the same layer and app with the client's scope::
 
     frame := kind (1 byte) | length (4 bytes, big-endian) | payload
-    to the owner:   S scope (JSON) · b body chunk, more to come · e last body chunk · D the client left
-    to the sender:  R response start (JSON: status, headers) · B body chunk, more to come · E last chunk
+    to the owner:   S scope · b body chunk, more to come · e last body chunk · D the client left
+    to the sender:  R response start · B body chunk, more to come · E last chunk
 
-One connection carries one request. The scope names the sender in the ``affinity-handed-over``
-header, which only the layer sets (client copies are dropped), and a request that carries it is
-never handed over again. An owner that is gone (no socket, nobody listening, or the connection
-closes before the answer starts) makes ``hand_over`` return False: the caller answers 404.
+The scope and the response start are lists of byte strings (``fields``: their count, their
+lengths, then the bytes one after the other), not a text document: no escaping, no parsing.
+
+A connection carries one exchange at a time and is kept open for the next (``siblings`` keeps a
+few idle ones per owner): the owner reads the next ``S`` once it has ended its answer, and skips
+what is left of a request whose answer ended before its body did. The scope names the sender in
+the ``affinity-handed-over`` header, which only the layer sets (client copies are dropped), and a
+request that carries it is never handed over again.
 
 References: the ASGI HTTP connection scope and messages (https://asgi.readthedocs.io/en/latest/specs/www.html);
-unix(7) (stream sockets, ``ECONNREFUSED`` when nobody listens).
+unix(7) (stream sockets).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import enum
 import logging
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from fly_replay_router.affinity.siblings import SiblingConnection, Siblings
 
 logger = logging.getLogger("fly_replay_router.affinity")
 
 HANDED_OVER = b"affinity-handed-over"
 # A frame larger than this is not something the layer sends: the connection is dropped.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-# How long an owner that has answered waits for the sender to close the connection.
-LINGER_SECONDS = 5.0
 
 _FRAME = struct.Struct(">cI")
+_COUNT = struct.Struct(">H")
+_ABSENT = 0xFFFFFFFF  # the length of a field that is None (raw_path, client, server)
 _SCOPE, _BODY, _BODY_END, _DISCONNECT = b"S", b"b", b"e", b"D"
 _START, _CHUNK, _END = b"R", b"B", b"E"
 _FRAME_ERRORS = (EOFError, OSError, ValueError, struct.error)
-_SCOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, UnicodeError)
+_SCOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, UnicodeError, IndexError, struct.error)
 _DISCONNECT_MESSAGE: Message = {"type": "http.disconnect"}
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+# method, scheme, http_version, path, raw_path, root_path, query_string, client host/port, server host/port
+_SCOPE_FIELDS = 11
+# The owner writes what it queued at once past this size (a large body is not held back).
+_FLUSH_BYTES = 64 * 1024
+
+
+class Outcome(enum.Enum):
+    """How a hand-over ended: the owner answered, is busy (alive, not accepting in time), or is gone."""
+
+    ANSWERED = "answered"
+    BUSY = "busy"
+    GONE = "gone"
+
+
+class WorkerBusy(Exception):
+    """The owner's socket exists and is listening, but did not accept a connection in time."""
+
+
+class WorkerGone(Exception):
+    """The owner's socket does not exist, or nobody listens on it (``ENOENT``, ``ECONNREFUSED``)."""
 
 
 def _frame(kind: bytes, payload: bytes = b"") -> bytes:
@@ -58,52 +86,99 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return kind, (await reader.readexactly(length) if length else b"")
 
 
-def _text_pairs(pairs: Any) -> list[list[str]]:
-    return [[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs]
+def pack_fields(fields: list[bytes | None]) -> bytes:
+    """``fields`` as one payload: their count, each length (``None``: absent), then their bytes."""
+    lengths = [_ABSENT if field is None else len(field) for field in fields]
+    return b"".join(
+        (_COUNT.pack(len(fields)), struct.pack(f">{len(fields)}I", *lengths), *(f for f in fields if f is not None))
+    )
 
 
-def _byte_pairs(pairs: Any) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
+def unpack_fields(payload: bytes) -> list[bytes | None]:
+    """The fields ``pack_fields`` packed; ``ValueError`` (or ``struct.error``) for anything else."""
+    (count,) = _COUNT.unpack_from(payload)
+    lengths = struct.unpack_from(f">{count}I", payload, _COUNT.size)
+    fields: list[bytes | None] = []
+    offset = _COUNT.size + 4 * count
+    for length in lengths:
+        if length == _ABSENT:
+            fields.append(None)
+            continue
+        end = offset + length
+        if end > len(payload):
+            raise ValueError("a hand-over field runs past its frame")
+        fields.append(payload[offset:end])
+        offset = end
+    if offset != len(payload):
+        raise ValueError("a hand-over frame holds more than its fields")
+    return fields
+
+
+def _address(address: Any) -> tuple[bytes | None, bytes | None]:
+    if address is None:
+        return None, None
+    host, port = address
+    return str(host).encode("utf-8"), None if port is None else str(port).encode("ascii")
+
+
+def _port(text: bytes | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise ValueError("a port that is not ASCII digits")
+    return int(text)
 
 
 def encode_scope(scope: Scope, sender: str) -> bytes:
-    """The parts of an HTTP scope the owner needs, as JSON, marked as handed over by ``sender``."""
-    headers = _text_pairs((name, value) for name, value in scope["headers"] if name != HANDED_OVER)
-    headers.append([HANDED_OVER.decode("ascii"), sender])
+    """The parts of an HTTP scope the owner needs, marked as handed over by ``sender``."""
     raw_path: bytes | None = scope.get("raw_path")
-    document = {
-        "http_version": scope.get("http_version", "1.1"),
-        "method": scope["method"],
-        "scheme": scope.get("scheme", "http"),
-        "path": scope["path"],
-        "raw_path": None if raw_path is None else raw_path.decode("latin-1"),
-        "root_path": scope.get("root_path", ""),
-        "query_string": scope["query_string"].decode("latin-1"),
-        "headers": headers,
-        "client": scope.get("client"),
-        "server": scope.get("server"),
-    }
-    return json.dumps(document, separators=(",", ":")).encode()
+    client_host, client_port = _address(scope.get("client"))
+    server_host, server_port = _address(scope.get("server"))
+    fields: list[bytes | None] = [
+        scope["method"].encode("ascii"),
+        scope.get("scheme", "http").encode("ascii"),
+        scope.get("http_version", "1.1").encode("ascii"),
+        scope["path"].encode("utf-8"),
+        raw_path,
+        scope.get("root_path", "").encode("utf-8"),
+        scope["query_string"],
+        client_host,
+        client_port,
+        server_host,
+        server_port,
+    ]
+    for name, value in scope["headers"]:
+        if name != HANDED_OVER:
+            fields += (name, value)
+    fields += (HANDED_OVER, sender.encode("ascii"))
+    return pack_fields(fields)
 
 
 def decode_scope(payload: bytes, state: Mapping[str, Any], app: object | None) -> Scope:
     """The HTTP scope a sender encoded, with this worker's lifespan ``state`` (copied, as servers do)."""
-    document = json.loads(payload)
-    raw_path = document["raw_path"]
-    client, server = document["client"], document["server"]
+    fields = unpack_fields(payload)
+    if len(fields) < _SCOPE_FIELDS or (len(fields) - _SCOPE_FIELDS) % 2:
+        raise ValueError("a hand-over scope of the wrong shape")
+    method, scheme, version, path, raw_path, root_path, query, client_host, client_port, server_host, server_port = (
+        fields[:_SCOPE_FIELDS]
+    )
+    pairs = fields[_SCOPE_FIELDS:]
+    headers = list(zip(pairs[::2], pairs[1::2], strict=True))
+    if any(part is None for pair in headers for part in pair):
+        raise ValueError("a hand-over header without a name or a value")
     scope: Scope = {
         "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": str(document["http_version"]),
-        "method": str(document["method"]),
-        "scheme": str(document["scheme"]),
-        "path": str(document["path"]),
-        "raw_path": None if raw_path is None else raw_path.encode("latin-1"),
-        "root_path": str(document["root_path"]),
-        "query_string": document["query_string"].encode("latin-1"),
-        "headers": _byte_pairs(document["headers"]),
-        "client": None if client is None else tuple(client),
-        "server": None if server is None else tuple(server),
+        "asgi": dict(_ASGI),
+        "http_version": version.decode("ascii"),  # type: ignore[union-attr]
+        "method": method.decode("ascii"),  # type: ignore[union-attr]
+        "scheme": scheme.decode("ascii"),  # type: ignore[union-attr]
+        "path": path.decode("utf-8"),  # type: ignore[union-attr]
+        "raw_path": raw_path,
+        "root_path": root_path.decode("utf-8"),  # type: ignore[union-attr]
+        "query_string": query if query is not None else b"",
+        "headers": headers,
+        "client": None if client_host is None else (client_host.decode("utf-8"), _port(client_port)),
+        "server": None if server_host is None else (server_host.decode("utf-8"), _port(server_port)),
         "state": dict(state),
     }
     if app is not None:
@@ -111,66 +186,122 @@ def decode_scope(payload: bytes, state: Mapping[str, Any], app: object | None) -
     return scope
 
 
+def _encode_start(message: Message) -> bytes:
+    fields: list[bytes | None] = [str(message["status"]).encode("ascii")]
+    for name, value in message.get("headers", ()):
+        fields += (bytes(name), bytes(value))
+    return pack_fields(fields)
+
+
+def _decode_start(payload: bytes) -> Message:
+    status, *pairs = unpack_fields(payload)
+    if status is None or not status.isdigit() or len(pairs) % 2 or None in pairs:
+        raise ValueError("a hand-over response start of the wrong shape")
+    headers = list(zip(pairs[::2], pairs[1::2], strict=True))
+    return {"type": "http.response.start", "status": int(status), "headers": headers}
+
+
 async def hand_over(
-    scope: Scope, receive: Receive, send: Send, *, socket_path: str, sender: str, connect_timeout: float
-) -> bool:
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    siblings: Siblings,
+    socket_path: str,
+    sender: str,
+    busy_timeout: float,
+) -> Outcome:
     """Stream the request to the worker listening on ``socket_path`` and its answer back.
 
-    False if that worker could not be reached or closed the connection before answering (then
-    nothing was sent); True once its answer started, however it ends.
+    ``GONE`` if nobody listens there (or the owner went away before answering), ``BUSY`` if it did
+    not accept within ``busy_timeout`` seconds: in both cases nothing was answered. ``ANSWERED``
+    once its answer started, however it ends.
     """
     try:
-        async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_unix_connection(socket_path)
-    except (OSError, TimeoutError) as exc:
-        logger.info("affinity: hand-over to %s failed: %r", socket_path, exc)
-        return False
-    pump: asyncio.Future[None] | None = None
+        connection = await siblings.connection(socket_path, busy_timeout)
+    except WorkerGone as exc:
+        logger.info("affinity: hand-over to %s failed: %s", socket_path, exc)
+        return Outcome.GONE
+    except WorkerBusy as exc:
+        logger.warning("affinity: hand-over to %s waited %.3g s: %s", socket_path, busy_timeout, exc)
+        return Outcome.BUSY
+    reusable = False
     try:
-        writer.write(_frame(_SCOPE, encode_scope(scope, sender)))
-        pump = asyncio.ensure_future(_send_request(receive, writer))
+        outcome = await _exchange(scope, receive, send, connection, sender)
+        if outcome is None:
+            reusable = True
+            return Outcome.ANSWERED
+        return outcome if outcome is Outcome.ANSWERED else await siblings.after_silence(socket_path)
+    finally:
+        siblings.release(connection, reusable=reusable)
+
+
+async def _exchange(
+    scope: Scope, receive: Receive, send: Send, connection: SiblingConnection, sender: str
+) -> Outcome | None:
+    """One request on ``connection``: None if it ended cleanly (the connection can carry another),
+    ``ANSWERED`` if the answer started and was cut short, ``GONE`` if the owner closed before answering."""
+    reader, writer = connection.reader, connection.writer
+    head = _frame(_SCOPE, encode_scope(scope, sender))
+    if _streamed_body(scope):
+        # The scope goes at once: the owner may answer before the body arrives (or without reading it).
+        writer.write(head)
+        body_done = False
+    else:
+        # A body of known length (or none) comes in one write with the scope: one wake-up of the owner.
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            writer.write(head + _frame(_DISCONNECT))
+            body_done = True
+        else:
+            body_done = not first.get("more_body", False)
+            writer.write(head + _frame(_BODY_END if body_done else _BODY, first.get("body", b"")))
+    pump = asyncio.ensure_future(_send_request(receive, writer, body_done=body_done))
+    try:
         try:
             kind, payload = await _read_frame(reader)
-            start = json.loads(payload) if kind == _START else None
-            status, headers = int(start["status"]), _byte_pairs(start["headers"])  # type: ignore[index]
+            if kind != _START:
+                raise ValueError(f"a {kind!r} frame before the response start")
+            start = _decode_start(payload)
         except (*_FRAME_ERRORS, *_SCOPE_ERRORS) as exc:
-            logger.info("affinity: the worker at %s closed before answering: %r", socket_path, exc)
-            return False
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+            logger.info("affinity: the worker at %s closed before answering: %r", connection.socket_path, exc)
+            return Outcome.GONE
+        await send(start)
         while True:
             try:
                 kind, payload = await _read_frame(reader)
             except _FRAME_ERRORS as exc:
                 # The answer has started: all that is left is to end it.
-                logger.info("affinity: the answer from the worker at %s was cut short: %r", socket_path, exc)
-                kind, payload = _END, b""
+                logger.info("affinity: the answer from the worker at %s was cut short: %r", connection.socket_path, exc)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return Outcome.ANSWERED
             if kind == _CHUNK:
                 await send({"type": "http.response.body", "body": payload, "more_body": True})
                 continue
-            pump.cancel()
             await send({"type": "http.response.body", "body": payload if kind == _END else b"", "more_body": False})
-            return True
+            return None if kind == _END else Outcome.ANSWERED
     finally:
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *_FRAME_ERRORS):
-                await pump
-        writer.close()
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *_FRAME_ERRORS):
+            await pump
 
 
-async def _send_request(receive: Receive, writer: asyncio.StreamWriter) -> None:
-    """The request body to the owner as it arrives; then, once the client leaves, a disconnect."""
+def _streamed_body(scope: Scope) -> bool:
+    """The request body comes in chunks of unknown number (``Transfer-Encoding: chunked``)."""
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
+
+
+async def _send_request(receive: Receive, writer: asyncio.StreamWriter, *, body_done: bool) -> None:
+    """The rest of the request body to the owner as it arrives; then, once the client leaves, a disconnect."""
     try:
-        while True:
+        while not body_done:
+            await writer.drain()
             message = await receive()
             if message["type"] == "http.disconnect":
                 writer.write(_frame(_DISCONNECT))
                 return
-            more = message.get("more_body", False)
-            writer.write(_frame(_BODY if more else _BODY_END, message.get("body", b"")))
-            await writer.drain()
-            if not more:
-                break
+            body_done = not message.get("more_body", False)
+            writer.write(_frame(_BODY_END if body_done else _BODY, message.get("body", b"")))
         if (await receive())["type"] == "http.disconnect":
             writer.write(_frame(_DISCONNECT))
     except (ConnectionError, OSError):
@@ -180,29 +311,40 @@ async def _send_request(receive: Receive, writer: asyncio.StreamWriter) -> None:
 async def serve_connection(
     app: ASGIApp, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Mapping[str, Any], root: object
 ) -> None:
-    """Run one handed-over request through ``app`` (the owner's layer) and stream its answer back."""
-    exchange: _OwnerSide | None = None
+    """Run the requests a sibling hands over on one connection through ``app`` (the owner's layer),
+    one after the other, and stream each answer back; until the sibling closes the connection."""
+    pending: asyncio.Future[tuple[bytes, bytes]] | None = None
     try:
-        try:
-            kind, payload = await _read_frame(reader)
+        while True:
+            try:
+                kind, payload = await (pending if pending is not None else _read_frame(reader))
+            except _FRAME_ERRORS:
+                return  # the sibling closed the connection
+            pending = None
             if kind != _SCOPE:
+                continue  # the rest of a request whose answer has ended, or a late disconnect
+            try:
+                scope = decode_scope(payload, state, root)
+            except _SCOPE_ERRORS:
+                return  # not a sender of this protocol: nothing to answer
+            exchange = _OwnerSide(reader, writer)
+            try:
+                await app(scope, exchange.receive, exchange.send)
+            except Exception:
+                logger.exception("affinity: a handed-over request failed in the app")
+            if not exchange.started:
+                # As a server does for an app that ended without answering.
+                await exchange.send(
+                    {"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"0")]}
+                )
+            if not exchange.ended:
+                await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
+            pending = exchange.next_frame
+            if writer.is_closing():
                 return
-            scope = decode_scope(payload, state, root)
-        except (*_FRAME_ERRORS, *_SCOPE_ERRORS):
-            return  # not a sender of this protocol (or one that left at once): nothing to answer
-        exchange = _OwnerSide(reader, writer)
-        try:
-            await app(scope, exchange.receive, exchange.send)
-        except Exception:
-            logger.exception("affinity: a handed-over request failed in the app")
-        if not exchange.started:
-            # As a server does for an app that ended without answering.
-            await exchange.send({"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"0")]})
-        if not exchange.ended:
-            await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        if exchange is not None:
-            await exchange.linger()
+        if pending is not None:
+            pending.cancel()
         writer.close()
 
 
@@ -215,8 +357,13 @@ class _OwnerSide:
         self._body_done = False
         self._reading = asyncio.Lock()
         self._gone = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
+        # Once the body is read, the next frame on the connection (a disconnect, or what follows the
+        # answer); the connection's loop takes it over when this request ends.
+        self.next_frame: asyncio.Future[tuple[bytes, bytes]] | None = None
         self.started = self.ended = False
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._flush_scheduled = False
 
     async def receive(self) -> Message:
         if not self._body_done:
@@ -232,45 +379,47 @@ class _OwnerSide:
                     if kind == _BODY_END:
                         return {"type": "http.request", "body": payload, "more_body": False}
                     self._gone.set()
-        if self._watcher is None and not self._gone.is_set():
-            self._watcher = asyncio.ensure_future(self._watch_sender())
+        if self.next_frame is None and not self._gone.is_set():
+            self.next_frame = asyncio.ensure_future(_read_frame(self._reader))
+            self.next_frame.add_done_callback(lambda _: self._gone.set())
         # As servers do: after the body, receive() waits until the client leaves or the answer ends.
         await self._gone.wait()
         return _DISCONNECT_MESSAGE
-
-    async def _watch_sender(self) -> None:
-        with contextlib.suppress(*_FRAME_ERRORS):
-            await _read_frame(self._reader)  # a disconnect frame, or the end of the connection
-        self._gone.set()
 
     async def send(self, message: Message) -> None:
         if self.ended or self._writer.is_closing():
             return  # the sender is gone: the answer goes nowhere, as with a client that left
         if message["type"] == "http.response.start":
-            start = {"status": message["status"], "headers": _text_pairs(message.get("headers", ()))}
-            self._writer.write(_frame(_START, json.dumps(start, separators=(",", ":")).encode()))
+            self._queue(_frame(_START, _encode_start(message)))
             self.started = True
-        elif message["type"] == "http.response.body":
-            more = message.get("more_body", False)
-            self._writer.write(_frame(_CHUNK if more else _END, message.get("body", b"")))
-            if not more:
-                self.ended = True
-                self._gone.set()
-        else:
             return
+        if message["type"] != "http.response.body":
+            return
+        more = message.get("more_body", False)
+        self._queue(_frame(_CHUNK if more else _END, message.get("body", b"")))
+        if not more:
+            self.ended = True
+            self._gone.set()
+            self._flush()
+        elif self._queued_bytes >= _FLUSH_BYTES:
+            self._flush()
         try:
             await self._writer.drain()
         except (ConnectionError, OSError):
             self._gone.set()
 
-    async def linger(self) -> None:
-        """Wait for the sender to close first (briefly): an answer that ended before the request
-        body did would otherwise be lost to the sender, whose writes then fail (``EPIPE``)."""
-        self._gone.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
-        with contextlib.suppress(*_FRAME_ERRORS, TimeoutError, RuntimeError):
-            self._writer.write_eof()
-            async with asyncio.timeout(LINGER_SECONDS):
-                while await self._reader.read(65536):
-                    pass  # the rest of a body nobody reads any more
+    def _queue(self, frame: bytes) -> None:
+        # Frames sent in one turn of the event loop leave in one write (the start and the first
+        # chunk, usually): each write wakes the sender up once.
+        self._queued.append(frame)
+        self._queued_bytes += len(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._queued and not self._writer.is_closing():
+            self._writer.write(b"".join(self._queued))
+        self._queued.clear()
+        self._queued_bytes = 0
