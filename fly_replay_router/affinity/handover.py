@@ -217,17 +217,37 @@ async def hand_over(
     not accept within ``busy_timeout`` seconds: in both cases nothing was answered. ``ANSWERED``
     once its answer started, however it ends.
     """
-    try:
-        connection = await siblings.connection(socket_path, busy_timeout)
-    except WorkerGone as exc:
-        logger.info("affinity: hand-over to %s failed: %s", socket_path, exc)
-        return Outcome.GONE
-    except WorkerBusy as exc:
-        logger.warning("affinity: hand-over to %s waited %.3g s: %s", socket_path, busy_timeout, exc)
-        return Outcome.BUSY
+    head = _frame(_SCOPE, encode_scope(scope, sender))
+    body_done = False
+    if not _streamed_body(scope):
+        # A body of known length (or none) goes in one write with the scope: one wake-up of the owner.
+        first = await receive()
+        body_done = first["type"] == "http.disconnect" or not first.get("more_body", False)
+        if first["type"] == "http.disconnect":
+            head += _frame(_DISCONNECT)
+        else:
+            head += _frame(_BODY_END if body_done else _BODY, first.get("body", b""))
+    # Else the scope goes at once: the owner may answer before the body arrives (or without reading it).
+    fresh = False
+    while True:
+        try:
+            connection = await siblings.connection(socket_path, busy_timeout, fresh=fresh)
+        except WorkerGone as exc:
+            logger.info("affinity: hand-over to %s failed: %s", socket_path, exc)
+            return Outcome.GONE
+        except WorkerBusy as exc:
+            logger.warning("affinity: hand-over to %s waited %.3g s: %s", socket_path, busy_timeout, exc)
+            return Outcome.BUSY
+        connection.writer.write(head)
+        if not connection.writer.is_closing() or fresh:
+            break
+        # The write failed at once (EPIPE: the owner had closed this idle connection): nothing of the
+        # request reached it, so it goes once more, on a new connection.
+        siblings.release(connection, reusable=False)
+        fresh = True
     reusable = False
     try:
-        outcome = await _exchange(scope, receive, send, connection, sender)
+        outcome = await _exchange(receive, send, connection, body_done)
         if outcome is None:
             reusable = True
             return Outcome.ANSWERED
@@ -236,26 +256,11 @@ async def hand_over(
         siblings.release(connection, reusable=reusable)
 
 
-async def _exchange(
-    scope: Scope, receive: Receive, send: Send, connection: SiblingConnection, sender: str
-) -> Outcome | None:
-    """One request on ``connection``: None if it ended cleanly (the connection can carry another),
-    ``ANSWERED`` if the answer started and was cut short, ``GONE`` if the owner closed before answering."""
+async def _exchange(receive: Receive, send: Send, connection: SiblingConnection, body_done: bool) -> Outcome | None:
+    """The rest of one request on ``connection``, whose scope was written: None if it ended cleanly
+    (the connection can carry another), ``ANSWERED`` if the answer started and was cut short,
+    ``GONE`` if the owner closed before answering."""
     reader, writer = connection.reader, connection.writer
-    head = _frame(_SCOPE, encode_scope(scope, sender))
-    if _streamed_body(scope):
-        # The scope goes at once: the owner may answer before the body arrives (or without reading it).
-        writer.write(head)
-        body_done = False
-    else:
-        # A body of known length (or none) comes in one write with the scope: one wake-up of the owner.
-        first = await receive()
-        if first["type"] == "http.disconnect":
-            writer.write(head + _frame(_DISCONNECT))
-            body_done = True
-        else:
-            body_done = not first.get("more_body", False)
-            writer.write(head + _frame(_BODY_END if body_done else _BODY, first.get("body", b"")))
     pump = asyncio.ensure_future(_send_request(receive, writer, body_done=body_done))
     try:
         try:

@@ -58,14 +58,15 @@ class Siblings:
         self._idle: dict[str, list[SiblingConnection]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def connection(self, socket_path: str, busy_timeout: float) -> SiblingConnection:
-        """An idle connection to ``socket_path``, or a new one; ``WorkerBusy`` or ``WorkerGone`` if none."""
+    async def connection(self, socket_path: str, busy_timeout: float, *, fresh: bool = False) -> SiblingConnection:
+        """An idle connection to ``socket_path`` (unless ``fresh``), or a new one; ``WorkerBusy`` or
+        ``WorkerGone`` if none."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             # Connections belong to the loop that opened them (a test may run several loops in turn).
             self.close()
             self._loop = loop
-        idle = self._idle.get(socket_path)
+        idle = None if fresh else self._idle.get(socket_path)
         while idle:
             connection = idle.pop()
             if connection.usable():
@@ -73,6 +74,10 @@ class Siblings:
             connection.writer.close()
         reader, writer = await asyncio.open_unix_connection(sock=await connect(socket_path, busy_timeout))
         return SiblingConnection(socket_path, reader, writer)
+
+    def idle(self, socket_path: str) -> int:
+        """How many idle connections to ``socket_path`` are kept that still look open."""
+        return sum(connection.usable() for connection in self._idle.get(socket_path, ()))
 
     def release(self, connection: SiblingConnection, *, reusable: bool) -> None:
         """Keep ``connection`` for the next hand-over if it ended cleanly and there is room; else close it."""
