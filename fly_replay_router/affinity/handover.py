@@ -26,7 +26,6 @@ unix(7) (stream sockets).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import struct
@@ -55,7 +54,9 @@ _DISCONNECT_MESSAGE: Message = {"type": "http.disconnect"}
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # method, scheme, http_version, path, raw_path, root_path, query_string, client host/port, server host/port
 _SCOPE_FIELDS = 11
-# The owner writes what it queued at once past this size (a large body is not held back).
+# How long the owner may hold frames of an answer to send them in one write (the last frame of an
+# answer, or this many bytes, goes at once): a streamed event reaches the sender this much later at most.
+COALESCE_SECONDS = 0.002
 _FLUSH_BYTES = 64 * 1024
 
 
@@ -286,9 +287,9 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
             await send({"type": "http.response.body", "body": payload if kind == _END else b"", "more_body": False})
             return None if kind == _END else Outcome.ANSWERED
     finally:
+        # Not awaited: once cancelled it writes nothing more (it is not running now, and its next
+        # step raises), so the connection may carry the next request at once.
         pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError, *_FRAME_ERRORS):
-            await pump
 
 
 def _streamed_body(scope: Scope) -> bool:
@@ -368,7 +369,7 @@ class _OwnerSide:
         self.started = self.ended = False
         self._queued: list[bytes] = []
         self._queued_bytes = 0
-        self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def receive(self) -> Message:
         if not self._body_done:
@@ -414,16 +415,17 @@ class _OwnerSide:
             self._gone.set()
 
     def _queue(self, frame: bytes) -> None:
-        # Frames sent in one turn of the event loop leave in one write (the start and the first
-        # chunk, usually): each write wakes the sender up once.
+        # Frames leave together: the last one at once, the others within COALESCE_SECONDS, so that an
+        # answer's start, its event and its end (a tools/call) wake the sender up once, not three times.
         self._queued.append(frame)
         self._queued_bytes += len(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_SECONDS, self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._queued and not self._writer.is_closing():
             self._writer.write(b"".join(self._queued))
         self._queued.clear()
