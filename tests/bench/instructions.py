@@ -5,7 +5,8 @@ demo app (``app.main``) against the same app without the layer (``tests.bench.ba
 called as ASGI in one process (no server, no socket), ``(with - without) / with * 100``;
 ``sessionless_instructions_pct`` the same for ``2026-07-28`` calls (the pass-through). One
 process under ``valgrind --tool=callgrind`` runs a warm-up, then blocks of calls in ABBA order
-(bare, layered, layered, bare; per era). Each block sits between two marker calls: callgrind zeroes
+(bare, layered, layered, bare; twice per era: ``pct_per_abba_cycle`` in the details gives each
+cycle's figure). Each block sits between two marker calls: callgrind zeroes
 its counters on entering ``getpgrp`` and writes them out on entering ``getsid`` (``--zero-before``,
 ``--dump-before``), so a block's file holds exactly its own instructions: start-up, imports and
 the warm-up count nowhere. The cyclic garbage collector is run before each block and off during
@@ -47,7 +48,9 @@ from typing import Any
 VALGRIND = "valgrind"
 ZERO_MARKER, DUMP_MARKER = "getpgrp", "getsid"
 TOOL = "whoami"
-WARM_UP_CALLS = 50
+WARM_UP_CALLS = 150
+# ABBA cycles per era: each gives its own figure, and the spread between them says how steady it is.
+CYCLES = 2
 PART_CALLS = 2000
 
 
@@ -115,8 +118,9 @@ async def _app_blocks(blocks: Blocks, calls: int) -> None:
                 for index in range(WARM_UP_CALLS):
                     await call(index)
         for era, make in eras.items():
-            for name, client in (("bare", bare), ("layered", layered), ("layered", layered), ("bare", bare)):
-                await blocks.calls(f"{era}/{name}", calls, make(client))
+            for _ in range(CYCLES):
+                for name, client in (("bare", bare), ("layered", layered), ("layered", layered), ("bare", bare)):
+                    await blocks.calls(f"{era}/{name}", calls, make(client))
     finally:
         await lifespan.stop()
 
@@ -229,14 +233,30 @@ def count_instructions(calls: int = 100) -> dict[str, Any]:
         for index, (label, count) in enumerate(labels, start=1):
             per_label.setdefault(label, []).append(_summary(Path(f"{out}.{index}")) / count)
     per_call = {label: sum(values) / len(values) for label, values in per_label.items()}
+    cycles = {
+        era: [
+            round(percentages(_cycle(per_label, cycle))[key], 3) for cycle in range(len(per_label[f"{era}/bare"]) // 2)
+        ]
+        for era, key in (("handshake", "layer_instructions_pct"), ("sessionless", "sessionless_instructions_pct"))
+    }
     return {
         **percentages(per_call),
+        "pct_per_abba_cycle": cycles,
         "instructions_per_call": {label: round(value) for label, value in per_call.items()},
         "blocks_per_call": {label: [round(value) for value in values] for label, values in per_label.items()},
         "calls_per_block": calls,
         "valgrind_seconds": round(time.perf_counter() - started, 1),
         "command": " ".join(command[:5]) + " python -m tests.bench.instructions --child --calls " + str(calls),
         "parts": parts(per_call),
+    }
+
+
+def _cycle(per_label: dict[str, list[float]], cycle: int) -> dict[str, float]:
+    """The per-call figures of one ABBA cycle (two blocks of each app per era)."""
+    return {
+        label: sum(values[2 * cycle : 2 * cycle + 2]) / 2
+        for label, values in per_label.items()
+        if not label.startswith("part/")
     }
 
 
