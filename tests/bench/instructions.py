@@ -12,6 +12,12 @@ its counters on entering ``getpgrp`` and writes them out on entering ``getsid`` 
 the warm-up count nowhere. The cyclic garbage collector is run before each block and off during
 it: a full collection walks every object of the process, and falls in one block and not another.
 
+``handover_instructions_ratio``: instructions of a handshake-era ``tools/call`` that reaches a sibling
+worker and is handed over to its owner (both workers' layers in this process, over a real Unix
+socket) over the same call served by the owner; both without the HTTP server, whose work a hand-over
+moves to the sibling rather than adds. What a hand-over costs the kernel (two more wake-ups) is not
+in it: ``handover_cpu_ratio`` (``workers.py``) has everything, on real processes.
+
 The same run counts the layer's parts on their own (``details.layer_instructions.parts``, per
 call): the middleware around a stub app minus the stub, ``decide`` for a token seen before,
 ``TokenCodec.verify``, the session budget's bookkeeping, the ``send`` wrapper that echoes the
@@ -117,12 +123,37 @@ async def _app_blocks(blocks: Blocks, calls: int) -> None:
                 call = make(client)
                 for index in range(WARM_UP_CALLS):
                     await call(index)
+        await _handover_blocks(blocks, calls, main)
         for era, make in eras.items():
             for _ in range(CYCLES):
                 for name, client in (("bare", bare), ("layered", layered), ("layered", layered), ("bare", bare)):
                     await blocks.calls(f"{era}/{name}", calls, make(client))
     finally:
         await lifespan.stop()
+
+
+async def _handover_blocks(blocks: Blocks, calls: int, main: Any) -> None:
+    """A handshake-era ``tools/call`` served by the worker that owns its session, and the same call
+    reaching a sibling worker that hands it over (one process, two layers, a real Unix socket)."""
+    from fly_replay_router.affinity.middleware import AffinityMiddleware
+    from tests.bench import mcp_load
+
+    # main.layer is the owner: the demo's lifespan opened its hand-over socket.
+    sibling = AffinityMiddleware(main.mcp_app, settings=main.settings)
+    owner_client, sibling_client = mcp_load.AsgiClient(main.layer), mcp_load.AsgiClient(sibling)
+    token = await owner_client.open_session()
+    served = functools.partial(owner_client.call_tool, token, tool=TOOL)
+    handed = functools.partial(sibling_client.call_tool, token, tool=TOOL)
+    assert await handed(1) == main.settings.machine_id
+    for index in range(WARM_UP_CALLS):
+        await served(index)
+        await handed(index)
+    try:
+        for _ in range(CYCLES):
+            for name, call in (("served", served), ("handed", handed), ("handed", handed), ("served", served)):
+                await blocks.calls(f"handover/{name}", calls, call)
+    finally:
+        await sibling.workers.stop()
 
 
 def _part_blocks(blocks: Blocks) -> None:
@@ -256,7 +287,7 @@ def _cycle(per_label: dict[str, list[float]], cycle: int) -> dict[str, float]:
     return {
         label: sum(values[2 * cycle : 2 * cycle + 2]) / 2
         for label, values in per_label.items()
-        if not label.startswith("part/")
+        if not label.startswith(("part/", "handover/"))
     }
 
 
@@ -267,6 +298,10 @@ def percentages(per_call: dict[str, float]) -> dict[str, float]:
         layered, bare = per_call[f"{era}/layered"], per_call[f"{era}/bare"]
         figures[key] = (layered - bare) / layered * 100
         figures[f"{era}_layer_instructions_per_call"] = round(layered - bare)
+    if "handover/served" in per_call:
+        served, handed = per_call["handover/served"], per_call["handover/handed"]
+        figures["handover_instructions_ratio"] = handed / served
+        figures["handover_instructions_per_call"] = round(handed - served)
     return figures
 
 
