@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fly_replay_router.affinity.handover import Outcome, decode_scope, encode_scope, hand_over, serve_connection
+from fly_replay_router.affinity.frames import decode_scope, encode_scope
+from fly_replay_router.affinity.handover import Outcome, hand_over, serve_connection
 from fly_replay_router.affinity.siblings import IDLE_PER_OWNER, Siblings, connect
 from fly_replay_router.settings import AffinitySettings
 

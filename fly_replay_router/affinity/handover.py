@@ -4,14 +4,13 @@ Several worker processes of one machine (``uvicorn --workers N``, gunicorn) shar
 kernel gives each connection to any of them; a session lives in the memory of one. A request that
 reaches another worker is streamed to the owner over a local stream socket, and the owner's answer
 streamed back, both ways as the messages come (no body is buffered). The exchange is ASGI messages
-in frames, so the owner runs the request through the same layer and app with the client's scope::
+in frames (``fly_replay_router.affinity.frames``), so the owner runs the request through the same
+layer and app with the client's scope.
 
-    frame := kind (1 byte) | length (4 bytes, big-endian) | payload
-    to the owner:   S scope · b body chunk, more to come · e last body chunk · D the client left
-    to the sender:  R response start · B body chunk, more to come · E last chunk
-
-The scope and the response start are lists of byte strings (``fields``: their count, their
-lengths, then the bytes one after the other), not a text document: no escaping, no parsing.
+Each write wakes the other side up once, so frames travel together where they can: a body of
+known length leaves in one write with its scope, and the owner holds an answer's frames for up
+to ``COALESCE_SECONDS`` (its last frame, or 64 KiB, goes at once), so that the start, the event
+and the end of a ``tools/call`` answer arrive in one read.
 
 A connection carries one exchange at a time and is kept open for the next (``siblings`` keeps a
 few idle ones per owner): the owner reads the next ``S`` once it has ended its answer, and skips
@@ -28,10 +27,26 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from fly_replay_router.affinity.frames import (
+    BODY,
+    BODY_END,
+    CHUNK,
+    DISCONNECT,
+    END,
+    FRAME_ERRORS,
+    SCOPE,
+    SCOPE_ERRORS,
+    START,
+    decode_scope,
+    decode_start,
+    encode_scope,
+    encode_start,
+    frame,
+    read_frame,
+)
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -39,21 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fly_replay_router.affinity")
 
-HANDED_OVER = b"affinity-handed-over"
-# A frame larger than this is not something the layer sends: the connection is dropped.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-
-_FRAME = struct.Struct(">cI")
-_COUNT = struct.Struct(">H")
-_ABSENT = 0xFFFFFFFF  # the length of a field that is None (raw_path, client, server)
-_SCOPE, _BODY, _BODY_END, _DISCONNECT = b"S", b"b", b"e", b"D"
-_START, _CHUNK, _END = b"R", b"B", b"E"
-_FRAME_ERRORS = (EOFError, OSError, ValueError, struct.error)
-_SCOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, UnicodeError, IndexError, struct.error)
 _DISCONNECT_MESSAGE: Message = {"type": "http.disconnect"}
-_ASGI = {"version": "3.0", "spec_version": "2.3"}
-# method, scheme, http_version, path, raw_path, root_path, query_string, client host/port, server host/port
-_SCOPE_FIELDS = 11
 # How long the owner may hold frames of an answer to send them in one write (the last frame of an
 # answer, or this many bytes, goes at once): a streamed event reaches the sender this much later at most.
 COALESCE_SECONDS = 0.002
@@ -76,132 +77,6 @@ class WorkerGone(Exception):
     """The owner's socket does not exist, or nobody listens on it (``ENOENT``, ``ECONNREFUSED``)."""
 
 
-def _frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return _FRAME.pack(kind, len(payload)) + payload
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    kind, length = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-    if length > MAX_FRAME_BYTES:
-        raise ValueError(f"a hand-over frame of {length} bytes")
-    return kind, (await reader.readexactly(length) if length else b"")
-
-
-def pack_fields(fields: list[bytes | None]) -> bytes:
-    """``fields`` as one payload: their count, each length (``None``: absent), then their bytes."""
-    lengths = [_ABSENT if field is None else len(field) for field in fields]
-    return b"".join(
-        (_COUNT.pack(len(fields)), struct.pack(f">{len(fields)}I", *lengths), *(f for f in fields if f is not None))
-    )
-
-
-def unpack_fields(payload: bytes) -> list[bytes | None]:
-    """The fields ``pack_fields`` packed; ``ValueError`` (or ``struct.error``) for anything else."""
-    (count,) = _COUNT.unpack_from(payload)
-    lengths = struct.unpack_from(f">{count}I", payload, _COUNT.size)
-    fields: list[bytes | None] = []
-    offset = _COUNT.size + 4 * count
-    for length in lengths:
-        if length == _ABSENT:
-            fields.append(None)
-            continue
-        end = offset + length
-        if end > len(payload):
-            raise ValueError("a hand-over field runs past its frame")
-        fields.append(payload[offset:end])
-        offset = end
-    if offset != len(payload):
-        raise ValueError("a hand-over frame holds more than its fields")
-    return fields
-
-
-def _address(address: Any) -> tuple[bytes | None, bytes | None]:
-    if address is None:
-        return None, None
-    host, port = address
-    return str(host).encode("utf-8"), None if port is None else str(port).encode("ascii")
-
-
-def _port(text: bytes | None) -> int | None:
-    if text is None:
-        return None
-    if not text.isdigit():
-        raise ValueError("a port that is not ASCII digits")
-    return int(text)
-
-
-def encode_scope(scope: Scope, sender: str) -> bytes:
-    """The parts of an HTTP scope the owner needs, marked as handed over by ``sender``."""
-    raw_path: bytes | None = scope.get("raw_path")
-    client_host, client_port = _address(scope.get("client"))
-    server_host, server_port = _address(scope.get("server"))
-    fields: list[bytes | None] = [
-        scope["method"].encode("ascii"),
-        scope.get("scheme", "http").encode("ascii"),
-        scope.get("http_version", "1.1").encode("ascii"),
-        scope["path"].encode("utf-8"),
-        raw_path,
-        scope.get("root_path", "").encode("utf-8"),
-        scope["query_string"],
-        client_host,
-        client_port,
-        server_host,
-        server_port,
-    ]
-    for name, value in scope["headers"]:
-        if name != HANDED_OVER:
-            fields += (name, value)
-    fields += (HANDED_OVER, sender.encode("ascii"))
-    return pack_fields(fields)
-
-
-def decode_scope(payload: bytes, state: Mapping[str, Any], app: object | None) -> Scope:
-    """The HTTP scope a sender encoded, with this worker's lifespan ``state`` (copied, as servers do)."""
-    fields = unpack_fields(payload)
-    if len(fields) < _SCOPE_FIELDS or (len(fields) - _SCOPE_FIELDS) % 2:
-        raise ValueError("a hand-over scope of the wrong shape")
-    method, scheme, version, path, raw_path, root_path, query, client_host, client_port, server_host, server_port = (
-        fields[:_SCOPE_FIELDS]
-    )
-    pairs = fields[_SCOPE_FIELDS:]
-    headers = list(zip(pairs[::2], pairs[1::2], strict=True))
-    if any(part is None for pair in headers for part in pair):
-        raise ValueError("a hand-over header without a name or a value")
-    scope: Scope = {
-        "type": "http",
-        "asgi": dict(_ASGI),
-        "http_version": version.decode("ascii"),  # type: ignore[union-attr]
-        "method": method.decode("ascii"),  # type: ignore[union-attr]
-        "scheme": scheme.decode("ascii"),  # type: ignore[union-attr]
-        "path": path.decode("utf-8"),  # type: ignore[union-attr]
-        "raw_path": raw_path,
-        "root_path": root_path.decode("utf-8"),  # type: ignore[union-attr]
-        "query_string": query if query is not None else b"",
-        "headers": headers,
-        "client": None if client_host is None else (client_host.decode("utf-8"), _port(client_port)),
-        "server": None if server_host is None else (server_host.decode("utf-8"), _port(server_port)),
-        "state": dict(state),
-    }
-    if app is not None:
-        scope["app"] = app
-    return scope
-
-
-def _encode_start(message: Message) -> bytes:
-    fields: list[bytes | None] = [str(message["status"]).encode("ascii")]
-    for name, value in message.get("headers", ()):
-        fields += (bytes(name), bytes(value))
-    return pack_fields(fields)
-
-
-def _decode_start(payload: bytes) -> Message:
-    status, *pairs = unpack_fields(payload)
-    if status is None or not status.isdigit() or len(pairs) % 2 or None in pairs:
-        raise ValueError("a hand-over response start of the wrong shape")
-    headers = list(zip(pairs[::2], pairs[1::2], strict=True))
-    return {"type": "http.response.start", "status": int(status), "headers": headers}
-
-
 async def hand_over(
     scope: Scope,
     receive: Receive,
@@ -218,16 +93,16 @@ async def hand_over(
     not accept within ``busy_timeout`` seconds: in both cases nothing was answered. ``ANSWERED``
     once its answer started, however it ends.
     """
-    head = _frame(_SCOPE, encode_scope(scope, sender))
+    head = frame(SCOPE, encode_scope(scope, sender))
     body_done = False
     if not _streamed_body(scope):
         # A body of known length (or none) goes in one write with the scope: one wake-up of the owner.
         first = await receive()
         body_done = first["type"] == "http.disconnect" or not first.get("more_body", False)
         if first["type"] == "http.disconnect":
-            head += _frame(_DISCONNECT)
+            head += frame(DISCONNECT)
         else:
-            head += _frame(_BODY_END if body_done else _BODY, first.get("body", b""))
+            head += frame(BODY_END if body_done else BODY, first.get("body", b""))
     # Else the scope goes at once: the owner may answer before the body arrives (or without reading it).
     fresh = False
     while True:
@@ -265,27 +140,27 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
     pump = asyncio.ensure_future(_send_request(receive, writer, body_done=body_done))
     try:
         try:
-            kind, payload = await _read_frame(reader)
-            if kind != _START:
+            kind, payload = await read_frame(reader)
+            if kind != START:
                 raise ValueError(f"a {kind!r} frame before the response start")
-            start = _decode_start(payload)
-        except (*_FRAME_ERRORS, *_SCOPE_ERRORS) as exc:
+            start = decode_start(payload)
+        except (*FRAME_ERRORS, *SCOPE_ERRORS) as exc:
             logger.info("affinity: the worker at %s closed before answering: %r", connection.socket_path, exc)
             return Outcome.GONE
         await send(start)
         while True:
             try:
-                kind, payload = await _read_frame(reader)
-            except _FRAME_ERRORS as exc:
+                kind, payload = await read_frame(reader)
+            except FRAME_ERRORS as exc:
                 # The answer has started: all that is left is to end it.
                 logger.info("affinity: the answer from the worker at %s was cut short: %r", connection.socket_path, exc)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return Outcome.ANSWERED
-            if kind == _CHUNK:
+            if kind == CHUNK:
                 await send({"type": "http.response.body", "body": payload, "more_body": True})
                 continue
-            await send({"type": "http.response.body", "body": payload if kind == _END else b"", "more_body": False})
-            return None if kind == _END else Outcome.ANSWERED
+            await send({"type": "http.response.body", "body": payload if kind == END else b"", "more_body": False})
+            return None if kind == END else Outcome.ANSWERED
     finally:
         # Not awaited: once cancelled it writes nothing more (it is not running now, and its next
         # step raises), so the connection may carry the next request at once.
@@ -304,12 +179,12 @@ async def _send_request(receive: Receive, writer: asyncio.StreamWriter, *, body_
             await writer.drain()
             message = await receive()
             if message["type"] == "http.disconnect":
-                writer.write(_frame(_DISCONNECT))
+                writer.write(frame(DISCONNECT))
                 return
             body_done = not message.get("more_body", False)
-            writer.write(_frame(_BODY_END if body_done else _BODY, message.get("body", b"")))
+            writer.write(frame(BODY_END if body_done else BODY, message.get("body", b"")))
         if (await receive())["type"] == "http.disconnect":
-            writer.write(_frame(_DISCONNECT))
+            writer.write(frame(DISCONNECT))
     except (ConnectionError, OSError):
         return
 
@@ -323,15 +198,15 @@ async def serve_connection(
     try:
         while True:
             try:
-                kind, payload = await (pending if pending is not None else _read_frame(reader))
-            except _FRAME_ERRORS:
+                kind, payload = await (pending if pending is not None else read_frame(reader))
+            except FRAME_ERRORS:
                 return  # the sibling closed the connection
             pending = None
-            if kind != _SCOPE:
+            if kind != SCOPE:
                 continue  # the rest of a request whose answer has ended, or a late disconnect
             try:
                 scope = decode_scope(payload, state, root)
-            except _SCOPE_ERRORS:
+            except SCOPE_ERRORS:
                 return  # not a sender of this protocol: nothing to answer
             exchange = _OwnerSide(reader, writer)
             try:
@@ -376,17 +251,17 @@ class _OwnerSide:
             async with self._reading:
                 if not self._body_done:
                     try:
-                        kind, payload = await _read_frame(self._reader)
-                    except _FRAME_ERRORS:
-                        kind, payload = _DISCONNECT, b""
-                    if kind == _BODY:
+                        kind, payload = await read_frame(self._reader)
+                    except FRAME_ERRORS:
+                        kind, payload = DISCONNECT, b""
+                    if kind == BODY:
                         return {"type": "http.request", "body": payload, "more_body": True}
                     self._body_done = True
-                    if kind == _BODY_END:
+                    if kind == BODY_END:
                         return {"type": "http.request", "body": payload, "more_body": False}
                     self._gone.set()
         if self.next_frame is None and not self._gone.is_set():
-            self.next_frame = asyncio.ensure_future(_read_frame(self._reader))
+            self.next_frame = asyncio.ensure_future(read_frame(self._reader))
             self.next_frame.add_done_callback(lambda _: self._gone.set())
         # As servers do: after the body, receive() waits until the client leaves or the answer ends.
         await self._gone.wait()
@@ -396,13 +271,13 @@ class _OwnerSide:
         if self.ended or self._writer.is_closing():
             return  # the sender is gone: the answer goes nowhere, as with a client that left
         if message["type"] == "http.response.start":
-            self._queue(_frame(_START, _encode_start(message)))
+            self._queue(frame(START, encode_start(message)))
             self.started = True
             return
         if message["type"] != "http.response.body":
             return
         more = message.get("more_body", False)
-        self._queue(_frame(_CHUNK if more else _END, message.get("body", b"")))
+        self._queue(frame(CHUNK if more else END, message.get("body", b"")))
         if not more:
             self.ended = True
             self._gone.set()

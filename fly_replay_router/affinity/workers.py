@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from fly_replay_router.affinity.decision import Reject, Serve
-from fly_replay_router.affinity.handover import HANDED_OVER, Outcome, hand_over, serve_connection
+from fly_replay_router.affinity.frames import HANDED_OVER
+from fly_replay_router.affinity.handover import Outcome, hand_over, serve_connection
 from fly_replay_router.affinity.siblings import Siblings
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 from fly_replay_router.settings import AffinitySettings
