@@ -258,7 +258,8 @@ def count_instructions(calls: int = 100) -> dict[str, Any]:
         started = time.perf_counter()
         run = subprocess.run(command, capture_output=True, text=True, check=False, cwd=Path(__file__).parents[2])
         if run.returncode != 0:
-            raise RuntimeError(f"the callgrind run failed ({run.returncode}): {run.stderr[-2000:]}")
+            said = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith("==")]
+            raise RuntimeError(f"the callgrind run failed ({run.returncode}): " + " | ".join(said[-3:]))
         labels = json.loads(run.stdout.strip().splitlines()[-1])
         per_label: dict[str, list[float]] = {}
         for index, (label, count) in enumerate(labels, start=1):
