@@ -28,6 +28,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Mapping
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from fly_replay_router.affinity.frames import (
@@ -40,12 +41,12 @@ from fly_replay_router.affinity.frames import (
     SCOPE,
     SCOPE_ERRORS,
     START,
+    FrameReader,
     decode_scope,
     decode_start,
     encode_scope,
     encode_start,
     frame,
-    read_frame,
 )
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 
@@ -136,11 +137,11 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
     """The rest of one request on ``connection``, whose scope was written: None if it ended cleanly
     (the connection can carry another), ``ANSWERED`` if the answer started and was cut short,
     ``GONE`` if the owner closed before answering."""
-    reader, writer = connection.reader, connection.writer
+    frames, writer = connection.frames, connection.writer
     pump = asyncio.ensure_future(_send_request(receive, writer, body_done=body_done))
     try:
         try:
-            kind, payload = await read_frame(reader)
+            kind, payload = await frames.next()
             if kind != START:
                 raise ValueError(f"a {kind!r} frame before the response start")
             start = decode_start(payload)
@@ -150,7 +151,7 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
         await send(start)
         while True:
             try:
-                kind, payload = await read_frame(reader)
+                kind, payload = await frames.next()
             except FRAME_ERRORS as exc:
                 # The answer has started: all that is left is to end it.
                 logger.info("affinity: the answer from the worker at %s was cut short: %r", connection.socket_path, exc)
@@ -169,7 +170,7 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
 
 def _streamed_body(scope: Scope) -> bool:
     """The request body comes in chunks of unknown number (``Transfer-Encoding: chunked``)."""
-    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
+    return b"transfer-encoding" in map(itemgetter(0), scope["headers"])
 
 
 async def _send_request(receive: Receive, writer: asyncio.StreamWriter, *, body_done: bool) -> None:
@@ -195,10 +196,11 @@ async def serve_connection(
     """Run the requests a sibling hands over on one connection through ``app`` (the owner's layer),
     one after the other, and stream each answer back; until the sibling closes the connection."""
     pending: asyncio.Future[tuple[bytes, bytes]] | None = None
+    frames = FrameReader(reader)
     try:
         while True:
             try:
-                kind, payload = await (pending if pending is not None else read_frame(reader))
+                kind, payload = await (pending if pending is not None else frames.next())
             except FRAME_ERRORS:
                 return  # the sibling closed the connection
             pending = None
@@ -208,7 +210,7 @@ async def serve_connection(
                 scope = decode_scope(payload, state, root)
             except SCOPE_ERRORS:
                 return  # not a sender of this protocol: nothing to answer
-            exchange = _OwnerSide(reader, writer)
+            exchange = _OwnerSide(frames, writer)
             try:
                 await app(scope, exchange.receive, exchange.send)
             except Exception:
@@ -232,8 +234,8 @@ async def serve_connection(
 class _OwnerSide:
     """``receive`` and ``send`` of a handed-over request, on the owner's end of the connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
+    def __init__(self, frames: FrameReader, writer: asyncio.StreamWriter) -> None:
+        self._frames = frames
         self._writer = writer
         self._body_done = False
         self._reading = asyncio.Lock()
@@ -251,7 +253,7 @@ class _OwnerSide:
             async with self._reading:
                 if not self._body_done:
                     try:
-                        kind, payload = await read_frame(self._reader)
+                        kind, payload = await self._frames.next()
                     except FRAME_ERRORS:
                         kind, payload = DISCONNECT, b""
                     if kind == BODY:
@@ -261,7 +263,7 @@ class _OwnerSide:
                         return {"type": "http.request", "body": payload, "more_body": False}
                     self._gone.set()
         if self.next_frame is None and not self._gone.is_set():
-            self.next_frame = asyncio.ensure_future(read_frame(self._reader))
+            self.next_frame = asyncio.ensure_future(self._frames.next())
             self.next_frame.add_done_callback(lambda _: self._gone.set())
         # As servers do: after the body, receive() waits until the client leaves or the answer ends.
         await self._gone.wait()

@@ -28,6 +28,7 @@ import errno
 import socket
 from dataclasses import dataclass
 
+from fly_replay_router.affinity.frames import FrameReader
 from fly_replay_router.affinity.handover import Outcome, WorkerBusy, WorkerGone
 
 IDLE_PER_OWNER = 8
@@ -44,10 +45,16 @@ class SiblingConnection:
     socket_path: str
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    frames: FrameReader
 
     def usable(self) -> bool:
         """Still open both ways, with nothing unread: an owner that went away shows here as end of file."""
-        return not (self.writer.is_closing() or self.reader.at_eof() or self.reader.exception() is not None)
+        return not (
+            self.writer.is_closing()
+            or self.reader.at_eof()
+            or self.reader.exception() is not None
+            or self.frames.buffered
+        )
 
 
 class Siblings:
@@ -73,7 +80,7 @@ class Siblings:
                 return connection
             connection.writer.close()
         reader, writer = await asyncio.open_unix_connection(sock=await connect(socket_path, busy_timeout))
-        return SiblingConnection(socket_path, reader, writer)
+        return SiblingConnection(socket_path, reader, writer, FrameReader(reader))
 
     def idle(self, socket_path: str) -> int:
         """How many idle connections to ``socket_path`` are kept that still look open."""
