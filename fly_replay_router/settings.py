@@ -74,6 +74,9 @@ class AffinitySettings:
       per second after a burst; beyond it 429 with ``Retry-After`` (``None``: no limit).
     - ``worker_socket_dir``: the directory where the worker processes of this machine open their hand-over
       sockets (``""``: ``<temp dir>/fly-replay-router-<uid>/<machine_id>``); see ``fly_replay_router.affinity.workers``.
+    - ``worker_busy_timeout``: seconds a hand-over waits for a sibling worker that is alive but does not accept
+      (its socket's backlog is full: a burst, a long call holding its event loop); then 503 with ``Retry-After``
+      and the session lives. A worker that is gone (no socket, nobody listening) gets 404 at once.
     - ``workers``: worker processes that share this machine (``AFFINITY_WORKERS``, else ``WEB_CONCURRENCY``):
       each sizes its session cap to its share, and, when no ASGI lifespan reaches the layer, opens its
       hand-over socket at its first session only if there are several.
@@ -99,6 +102,7 @@ class AffinitySettings:
     forward_write_timeout: float = 30.0
     forward_connections_per_owner: int = 20
     worker_socket_dir: str = ""
+    worker_busy_timeout: float = 5.0
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -152,6 +156,8 @@ class AffinitySettings:
             raise ValueError("workers must be at least 1")
         if self.worker_socket_dir and not self.worker_socket_dir.startswith("/"):
             raise ValueError("worker_socket_dir must be an absolute path, or empty for the default")
+        if not 0 < self.worker_busy_timeout <= 3600:
+            raise ValueError("worker_busy_timeout must be more than 0 and at most 3600 seconds")
 
     def replay_instruction(self, owner_machine_id: str) -> ReplayInstruction:
         """The ``fly-replay`` instruction that sends a request to its session's owner."""
@@ -206,9 +212,14 @@ class AffinitySettings:
         idle = env.get("AFFINITY_SESSION_IDLE_TIMEOUT", "").strip()
         max_age = env.get("AFFINITY_MAX_TOKEN_AGE", "").strip()
         timeout = env.get("AFFINITY_REPLAY_TIMEOUT", "").strip()
-        forward_timeouts = {
+        timeouts = {
             field: _seconds(f"AFFINITY_{field.upper()}", value)
-            for field in ("forward_connect_timeout", "forward_read_timeout", "forward_write_timeout")
+            for field in (
+                "forward_connect_timeout",
+                "forward_read_timeout",
+                "forward_write_timeout",
+                "worker_busy_timeout",
+            )
             if (value := env.get(f"AFFINITY_{field.upper()}", "").strip())
         }
         connections = env.get("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", "").strip()
@@ -233,7 +244,7 @@ class AffinitySettings:
             new_session_rate=None if rate.lower() == "off" else (_number("AFFINITY_NEW_SESSION_RATE", rate) or 10.0),
             new_session_burst=int(burst) if burst else 100,
             forward_connections_per_owner=_count("AFFINITY_FORWARD_CONNECTIONS_PER_OWNER", connections or "20"),
-            **forward_timeouts,
+            **timeouts,
             worker_socket_dir=env.get("AFFINITY_WORKER_SOCKET_DIR", "").strip(),
             workers=workers,
         )

@@ -20,7 +20,8 @@ import pytest
 
 from fly_replay_router import AffinitySettings, wrap_mcp_app
 from fly_replay_router.affinity.decision import Reject, Serve
-from fly_replay_router.affinity.handover import hand_over
+from fly_replay_router.affinity.handover import Outcome, hand_over
+from fly_replay_router.affinity.siblings import Siblings
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.affinity.workers import HandOver, decide_worker
 from fly_replay_router.protocol import SESSION_NOT_FOUND_BODY
@@ -206,10 +207,18 @@ async def test_a_handed_over_request_for_another_worker_is_not_handed_over_again
         "query_string": b"",
         "headers": [(b"mcp-session-id", token.encode())],
     }
-    reached = await hand_over(
-        scope, receive, send, socket_path=str(socket_dir / f"{b_tag}.sock"), sender="feedf00d", connect_timeout=5
+    siblings = Siblings()
+    outcome = await hand_over(
+        scope,
+        receive,
+        send,
+        siblings=siblings,
+        socket_path=str(socket_dir / f"{b_tag}.sock"),
+        sender="feedf00d",
+        busy_timeout=5,
     )
-    assert reached
+    siblings.close()
+    assert outcome is Outcome.ANSWERED
     assert sent[0]["status"] == 404
     assert b"".join(message.get("body", b"") for message in sent[1:]) == SESSION_NOT_FOUND_BODY
     assert "reason=already_handed_over" in b.log()

@@ -9,6 +9,8 @@ reaches. Every answer carries ``x-worker-pid``.
 - ``GET /ticks`` (session): ``tick <n>`` lines every 0.1 s until the client leaves; then the
   session's disconnect count goes up.
 - ``GET /disconnects`` (session): how many ``/ticks`` streams of the session saw their client leave.
+- ``POST /block?seconds=S&marker=PATH`` (session): creates the file ``PATH``, then holds this process's
+  event loop for ``S`` seconds (as a CPU-bound call in the loop does): it accepts no connection meanwhile.
 - a session this process does not hold: 404.
 """
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -66,6 +70,12 @@ async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     elif path == "/disconnects":
         await _answer(send, 200, str(_sessions[session]).encode())
+    elif path == "/block":
+        query = urllib.parse.parse_qs(scope["query_string"].decode())
+        with open(query["marker"][0], "w") as marker:  # noqa: ASYNC230  (the point: nothing else runs)
+            marker.write(str(os.getpid()))
+        time.sleep(float(query["seconds"][0]))  # noqa: ASYNC251
+        await _answer(send, 200, b"unblocked")
     else:
         await _answer(send, 404, b"no such path")
 

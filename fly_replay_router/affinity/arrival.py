@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fly_replay_router.affinity.decision import Arrival
 from fly_replay_router.affinity.forward import FORWARDED_FROM
-from fly_replay_router.affinity.handover import HANDED_OVER
+from fly_replay_router.affinity.frames import HANDED_OVER
 from fly_replay_router.fly import (
     FLY_PREFERRED_INSTANCE_UNAVAILABLE,
     FLY_REPLAY_FAILED,

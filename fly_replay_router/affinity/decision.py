@@ -74,6 +74,20 @@ class Reject:
 
 Decision = Serve | Replay | Forward | Reject
 
+# Serve decisions already made, by inner id: a frozen dataclass costs more to build than the rest of a
+# decision for a token seen before, and equal decisions are interchangeable. Bounded as the codec's
+# memory of verified tokens is.
+_SERVE_DECISIONS_KEPT = 10_000
+_serve_decisions: dict[str, Serve] = {}
+
+
+def _serve(inner_session_id: str) -> Serve:
+    """A new Serve decision, remembered."""
+    if len(_serve_decisions) >= _SERVE_DECISIONS_KEPT:
+        del _serve_decisions[next(iter(_serve_decisions))]  # the oldest entry
+    decision = _serve_decisions[inner_session_id] = Serve(inner_session_id)
+    return decision
+
 
 def decide(
     token: str,
@@ -91,7 +105,7 @@ def decide(
         return Reject(exc.reason)
     owner = session.owner_machine_id
     if owner == machine_id:
-        return Serve(session.inner_session_id)
+        return _serve_decisions.get(session.inner_session_id) or _serve(session.inner_session_id)
     if arrival.replay_failed:
         return Reject("owner_unreachable", owner)
     if arrival.preferred_unavailable:

@@ -33,7 +33,7 @@ HANDOVER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 STREAMABLE_HTTP = "streamable_http"
 LEGACY_SSE = "sse"
 # Rejections that are a hand-over that could not be made (the owner worker is gone; never twice).
-HANDOVER_FAILURES = ("worker_gone", "already_handed_over")
+HANDOVER_FAILURES = ("worker_gone", "worker_busy", "already_handed_over")
 # Forwards that failed: refused ones, and the one answered but cut short.
 FORWARD_FAILURES = tuple(
     outcome.reason

@@ -4,175 +4,188 @@ Several worker processes of one machine (``uvicorn --workers N``, gunicorn) shar
 kernel gives each connection to any of them; a session lives in the memory of one. A request that
 reaches another worker is streamed to the owner over a local stream socket, and the owner's answer
 streamed back, both ways as the messages come (no body is buffered). The exchange is ASGI messages
-in frames, so the owner runs the request through the same layer and app with the client's scope::
+in frames (``fly_replay_router.affinity.frames``), so the owner runs the request through the same
+layer and app with the client's scope.
 
-    frame := kind (1 byte) | length (4 bytes, big-endian) | payload
-    to the owner:   S scope (JSON) · b body chunk, more to come · e last body chunk · D the client left
-    to the sender:  R response start (JSON: status, headers) · B body chunk, more to come · E last chunk
+Each write wakes the other side up once, so frames travel together where they can: a body of
+known length leaves in one write with its scope, and the owner holds an answer's frames for up
+to ``COALESCE_SECONDS`` (its last frame, or 64 KiB, goes at once), so that the start, the event
+and the end of a ``tools/call`` answer arrive in one read.
 
-One connection carries one request. The scope names the sender in the ``affinity-handed-over``
-header, which only the layer sets (client copies are dropped), and a request that carries it is
-never handed over again. An owner that is gone (no socket, nobody listening, or the connection
-closes before the answer starts) makes ``hand_over`` return False: the caller answers 404.
+A connection carries one exchange at a time and is kept open for the next (``siblings`` keeps a
+few idle ones per owner): the owner reads the next ``S`` once it has ended its answer, and skips
+what is left of a request whose answer ended before its body did. The scope names the sender in
+the ``affinity-handed-over`` header, which only the layer sets (client copies are dropped), and a
+request that carries it is never handed over again.
 
 References: the ASGI HTTP connection scope and messages (https://asgi.readthedocs.io/en/latest/specs/www.html);
-unix(7) (stream sockets, ``ECONNREFUSED`` when nobody listens).
+unix(7) (stream sockets).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import enum
 import logging
-import struct
 from collections.abc import Mapping
-from typing import Any
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
+from fly_replay_router.affinity.frames import (
+    BODY,
+    BODY_END,
+    CHUNK,
+    DISCONNECT,
+    END,
+    FRAME_ERRORS,
+    SCOPE,
+    SCOPE_ERRORS,
+    START,
+    FrameReader,
+    decode_scope,
+    decode_start,
+    encode_scope,
+    encode_start,
+    frame,
+)
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from fly_replay_router.affinity.siblings import SiblingConnection, Siblings
 
 logger = logging.getLogger("fly_replay_router.affinity")
 
-HANDED_OVER = b"affinity-handed-over"
-# A frame larger than this is not something the layer sends: the connection is dropped.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-# How long an owner that has answered waits for the sender to close the connection.
-LINGER_SECONDS = 5.0
-
-_FRAME = struct.Struct(">cI")
-_SCOPE, _BODY, _BODY_END, _DISCONNECT = b"S", b"b", b"e", b"D"
-_START, _CHUNK, _END = b"R", b"B", b"E"
-_FRAME_ERRORS = (EOFError, OSError, ValueError, struct.error)
-_SCOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, UnicodeError)
 _DISCONNECT_MESSAGE: Message = {"type": "http.disconnect"}
+# How long the owner may hold frames of an answer to send them in one write (the last frame of an
+# answer, or this many bytes, goes at once): a streamed event reaches the sender this much later at most.
+COALESCE_SECONDS = 0.002
+_FLUSH_BYTES = 64 * 1024
 
 
-def _frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return _FRAME.pack(kind, len(payload)) + payload
+class Outcome(enum.Enum):
+    """How a hand-over ended: the owner answered, is busy (alive, not accepting in time), or is gone."""
+
+    ANSWERED = "answered"
+    BUSY = "busy"
+    GONE = "gone"
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    kind, length = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-    if length > MAX_FRAME_BYTES:
-        raise ValueError(f"a hand-over frame of {length} bytes")
-    return kind, (await reader.readexactly(length) if length else b"")
+class WorkerBusy(Exception):
+    """The owner's socket exists and is listening, but did not accept a connection in time."""
 
 
-def _text_pairs(pairs: Any) -> list[list[str]]:
-    return [[name.decode("latin-1"), value.decode("latin-1")] for name, value in pairs]
-
-
-def _byte_pairs(pairs: Any) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
-
-
-def encode_scope(scope: Scope, sender: str) -> bytes:
-    """The parts of an HTTP scope the owner needs, as JSON, marked as handed over by ``sender``."""
-    headers = _text_pairs((name, value) for name, value in scope["headers"] if name != HANDED_OVER)
-    headers.append([HANDED_OVER.decode("ascii"), sender])
-    raw_path: bytes | None = scope.get("raw_path")
-    document = {
-        "http_version": scope.get("http_version", "1.1"),
-        "method": scope["method"],
-        "scheme": scope.get("scheme", "http"),
-        "path": scope["path"],
-        "raw_path": None if raw_path is None else raw_path.decode("latin-1"),
-        "root_path": scope.get("root_path", ""),
-        "query_string": scope["query_string"].decode("latin-1"),
-        "headers": headers,
-        "client": scope.get("client"),
-        "server": scope.get("server"),
-    }
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-def decode_scope(payload: bytes, state: Mapping[str, Any], app: object | None) -> Scope:
-    """The HTTP scope a sender encoded, with this worker's lifespan ``state`` (copied, as servers do)."""
-    document = json.loads(payload)
-    raw_path = document["raw_path"]
-    client, server = document["client"], document["server"]
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": str(document["http_version"]),
-        "method": str(document["method"]),
-        "scheme": str(document["scheme"]),
-        "path": str(document["path"]),
-        "raw_path": None if raw_path is None else raw_path.encode("latin-1"),
-        "root_path": str(document["root_path"]),
-        "query_string": document["query_string"].encode("latin-1"),
-        "headers": _byte_pairs(document["headers"]),
-        "client": None if client is None else tuple(client),
-        "server": None if server is None else tuple(server),
-        "state": dict(state),
-    }
-    if app is not None:
-        scope["app"] = app
-    return scope
+class WorkerGone(Exception):
+    """The owner's socket does not exist, or nobody listens on it (``ENOENT``, ``ECONNREFUSED``)."""
 
 
 async def hand_over(
-    scope: Scope, receive: Receive, send: Send, *, socket_path: str, sender: str, connect_timeout: float
-) -> bool:
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    siblings: Siblings,
+    socket_path: str,
+    sender: str,
+    busy_timeout: float,
+) -> Outcome:
     """Stream the request to the worker listening on ``socket_path`` and its answer back.
 
-    False if that worker could not be reached or closed the connection before answering (then
-    nothing was sent); True once its answer started, however it ends.
+    ``GONE`` if nobody listens there (or the owner went away before answering), ``BUSY`` if it did
+    not accept within ``busy_timeout`` seconds: in both cases nothing was answered. ``ANSWERED``
+    once its answer started, however it ends.
     """
-    try:
-        async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_unix_connection(socket_path)
-    except (OSError, TimeoutError) as exc:
-        logger.info("affinity: hand-over to %s failed: %r", socket_path, exc)
-        return False
-    pump: asyncio.Future[None] | None = None
-    try:
-        writer.write(_frame(_SCOPE, encode_scope(scope, sender)))
-        pump = asyncio.ensure_future(_send_request(receive, writer))
+    head = frame(SCOPE, encode_scope(scope, sender))
+    body_done = False
+    if not _streamed_body(scope):
+        # A body of known length (or none) goes in one write with the scope: one wake-up of the owner.
+        first = await receive()
+        body_done = first["type"] == "http.disconnect" or not first.get("more_body", False)
+        if first["type"] == "http.disconnect":
+            head += frame(DISCONNECT)
+        else:
+            head += frame(BODY_END if body_done else BODY, first.get("body", b""))
+    # Else the scope goes at once: the owner may answer before the body arrives (or without reading it).
+    fresh = False
+    while True:
         try:
-            kind, payload = await _read_frame(reader)
-            start = json.loads(payload) if kind == _START else None
-            status, headers = int(start["status"]), _byte_pairs(start["headers"])  # type: ignore[index]
-        except (*_FRAME_ERRORS, *_SCOPE_ERRORS) as exc:
-            logger.info("affinity: the worker at %s closed before answering: %r", socket_path, exc)
-            return False
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+            connection = await siblings.connection(socket_path, busy_timeout, fresh=fresh)
+        except WorkerGone as exc:
+            logger.info("affinity: hand-over to %s failed: %s", socket_path, exc)
+            return Outcome.GONE
+        except WorkerBusy as exc:
+            logger.warning("affinity: hand-over to %s waited %.3g s: %s", socket_path, busy_timeout, exc)
+            return Outcome.BUSY
+        connection.writer.write(head)
+        if not connection.writer.is_closing() or fresh:
+            break
+        # The write failed at once (EPIPE: the owner had closed this idle connection): nothing of the
+        # request reached it, so it goes once more, on a new connection.
+        siblings.release(connection, reusable=False)
+        fresh = True
+    reusable = False
+    try:
+        outcome = await _exchange(receive, send, connection, body_done)
+        if outcome is None:
+            reusable = True
+            return Outcome.ANSWERED
+        return outcome if outcome is Outcome.ANSWERED else await siblings.after_silence(socket_path)
+    finally:
+        siblings.release(connection, reusable=reusable)
+
+
+async def _exchange(receive: Receive, send: Send, connection: SiblingConnection, body_done: bool) -> Outcome | None:
+    """The rest of one request on ``connection``, whose scope was written: None if it ended cleanly
+    (the connection can carry another), ``ANSWERED`` if the answer started and was cut short,
+    ``GONE`` if the owner closed before answering."""
+    frames, writer = connection.frames, connection.writer
+    pump = asyncio.ensure_future(_send_request(receive, writer, body_done=body_done))
+    try:
+        try:
+            kind, payload = await frames.next()
+            if kind != START:
+                raise ValueError(f"a {kind!r} frame before the response start")
+            start = decode_start(payload)
+        except (*FRAME_ERRORS, *SCOPE_ERRORS) as exc:
+            logger.info("affinity: the worker at %s closed before answering: %r", connection.socket_path, exc)
+            return Outcome.GONE
+        await send(start)
         while True:
             try:
-                kind, payload = await _read_frame(reader)
-            except _FRAME_ERRORS as exc:
+                kind, payload = await frames.next()
+            except FRAME_ERRORS as exc:
                 # The answer has started: all that is left is to end it.
-                logger.info("affinity: the answer from the worker at %s was cut short: %r", socket_path, exc)
-                kind, payload = _END, b""
-            if kind == _CHUNK:
+                logger.info("affinity: the answer from the worker at %s was cut short: %r", connection.socket_path, exc)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return Outcome.ANSWERED
+            if kind == CHUNK:
                 await send({"type": "http.response.body", "body": payload, "more_body": True})
                 continue
-            pump.cancel()
-            await send({"type": "http.response.body", "body": payload if kind == _END else b"", "more_body": False})
-            return True
+            await send({"type": "http.response.body", "body": payload if kind == END else b"", "more_body": False})
+            return None if kind == END else Outcome.ANSWERED
     finally:
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *_FRAME_ERRORS):
-                await pump
-        writer.close()
+        # Not awaited: once cancelled it writes nothing more (it is not running now, and its next
+        # step raises), so the connection may carry the next request at once.
+        pump.cancel()
 
 
-async def _send_request(receive: Receive, writer: asyncio.StreamWriter) -> None:
-    """The request body to the owner as it arrives; then, once the client leaves, a disconnect."""
+def _streamed_body(scope: Scope) -> bool:
+    """The request body comes in chunks of unknown number (``Transfer-Encoding: chunked``)."""
+    return b"transfer-encoding" in map(itemgetter(0), scope["headers"])
+
+
+async def _send_request(receive: Receive, writer: asyncio.StreamWriter, *, body_done: bool) -> None:
+    """The rest of the request body to the owner as it arrives; then, once the client leaves, a disconnect."""
     try:
-        while True:
+        while not body_done:
+            await writer.drain()
             message = await receive()
             if message["type"] == "http.disconnect":
-                writer.write(_frame(_DISCONNECT))
+                writer.write(frame(DISCONNECT))
                 return
-            more = message.get("more_body", False)
-            writer.write(_frame(_BODY if more else _BODY_END, message.get("body", b"")))
-            await writer.drain()
-            if not more:
-                break
+            body_done = not message.get("more_body", False)
+            writer.write(frame(BODY_END if body_done else BODY, message.get("body", b"")))
         if (await receive())["type"] == "http.disconnect":
-            writer.write(_frame(_DISCONNECT))
+            writer.write(frame(DISCONNECT))
     except (ConnectionError, OSError):
         return
 
@@ -180,97 +193,117 @@ async def _send_request(receive: Receive, writer: asyncio.StreamWriter) -> None:
 async def serve_connection(
     app: ASGIApp, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Mapping[str, Any], root: object
 ) -> None:
-    """Run one handed-over request through ``app`` (the owner's layer) and stream its answer back."""
-    exchange: _OwnerSide | None = None
+    """Run the requests a sibling hands over on one connection through ``app`` (the owner's layer),
+    one after the other, and stream each answer back; until the sibling closes the connection."""
+    pending: asyncio.Future[tuple[bytes, bytes]] | None = None
+    frames = FrameReader(reader)
     try:
-        try:
-            kind, payload = await _read_frame(reader)
-            if kind != _SCOPE:
+        while True:
+            try:
+                kind, payload = await (pending if pending is not None else frames.next())
+            except FRAME_ERRORS:
+                return  # the sibling closed the connection
+            pending = None
+            if kind != SCOPE:
+                continue  # the rest of a request whose answer has ended, or a late disconnect
+            try:
+                scope = decode_scope(payload, state, root)
+            except SCOPE_ERRORS:
+                return  # not a sender of this protocol: nothing to answer
+            exchange = _OwnerSide(frames, writer)
+            try:
+                await app(scope, exchange.receive, exchange.send)
+            except Exception:
+                logger.exception("affinity: a handed-over request failed in the app")
+            if not exchange.started:
+                # As a server does for an app that ended without answering.
+                await exchange.send(
+                    {"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"0")]}
+                )
+            if not exchange.ended:
+                await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
+            pending = exchange.next_frame
+            if writer.is_closing():
                 return
-            scope = decode_scope(payload, state, root)
-        except (*_FRAME_ERRORS, *_SCOPE_ERRORS):
-            return  # not a sender of this protocol (or one that left at once): nothing to answer
-        exchange = _OwnerSide(reader, writer)
-        try:
-            await app(scope, exchange.receive, exchange.send)
-        except Exception:
-            logger.exception("affinity: a handed-over request failed in the app")
-        if not exchange.started:
-            # As a server does for an app that ended without answering.
-            await exchange.send({"type": "http.response.start", "status": 500, "headers": [(b"content-length", b"0")]})
-        if not exchange.ended:
-            await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        if exchange is not None:
-            await exchange.linger()
+        if pending is not None:
+            pending.cancel()
         writer.close()
 
 
 class _OwnerSide:
     """``receive`` and ``send`` of a handed-over request, on the owner's end of the connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
+    def __init__(self, frames: FrameReader, writer: asyncio.StreamWriter) -> None:
+        self._frames = frames
         self._writer = writer
         self._body_done = False
         self._reading = asyncio.Lock()
         self._gone = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
+        # Once the body is read, the next frame on the connection (a disconnect, or what follows the
+        # answer); the connection's loop takes it over when this request ends.
+        self.next_frame: asyncio.Future[tuple[bytes, bytes]] | None = None
         self.started = self.ended = False
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def receive(self) -> Message:
         if not self._body_done:
             async with self._reading:
                 if not self._body_done:
                     try:
-                        kind, payload = await _read_frame(self._reader)
-                    except _FRAME_ERRORS:
-                        kind, payload = _DISCONNECT, b""
-                    if kind == _BODY:
+                        kind, payload = await self._frames.next()
+                    except FRAME_ERRORS:
+                        kind, payload = DISCONNECT, b""
+                    if kind == BODY:
                         return {"type": "http.request", "body": payload, "more_body": True}
                     self._body_done = True
-                    if kind == _BODY_END:
+                    if kind == BODY_END:
                         return {"type": "http.request", "body": payload, "more_body": False}
                     self._gone.set()
-        if self._watcher is None and not self._gone.is_set():
-            self._watcher = asyncio.ensure_future(self._watch_sender())
+        if self.next_frame is None and not self._gone.is_set():
+            self.next_frame = asyncio.ensure_future(self._frames.next())
+            self.next_frame.add_done_callback(lambda _: self._gone.set())
         # As servers do: after the body, receive() waits until the client leaves or the answer ends.
         await self._gone.wait()
         return _DISCONNECT_MESSAGE
-
-    async def _watch_sender(self) -> None:
-        with contextlib.suppress(*_FRAME_ERRORS):
-            await _read_frame(self._reader)  # a disconnect frame, or the end of the connection
-        self._gone.set()
 
     async def send(self, message: Message) -> None:
         if self.ended or self._writer.is_closing():
             return  # the sender is gone: the answer goes nowhere, as with a client that left
         if message["type"] == "http.response.start":
-            start = {"status": message["status"], "headers": _text_pairs(message.get("headers", ()))}
-            self._writer.write(_frame(_START, json.dumps(start, separators=(",", ":")).encode()))
+            self._queue(frame(START, encode_start(message)))
             self.started = True
-        elif message["type"] == "http.response.body":
-            more = message.get("more_body", False)
-            self._writer.write(_frame(_CHUNK if more else _END, message.get("body", b"")))
-            if not more:
-                self.ended = True
-                self._gone.set()
-        else:
             return
+        if message["type"] != "http.response.body":
+            return
+        more = message.get("more_body", False)
+        self._queue(frame(CHUNK if more else END, message.get("body", b"")))
+        if not more:
+            self.ended = True
+            self._gone.set()
+            self._flush()
+        elif self._queued_bytes >= _FLUSH_BYTES:
+            self._flush()
         try:
             await self._writer.drain()
         except (ConnectionError, OSError):
             self._gone.set()
 
-    async def linger(self) -> None:
-        """Wait for the sender to close first (briefly): an answer that ended before the request
-        body did would otherwise be lost to the sender, whose writes then fail (``EPIPE``)."""
-        self._gone.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
-        with contextlib.suppress(*_FRAME_ERRORS, TimeoutError, RuntimeError):
-            self._writer.write_eof()
-            async with asyncio.timeout(LINGER_SECONDS):
-                while await self._reader.read(65536):
-                    pass  # the rest of a body nobody reads any more
+    def _queue(self, frame: bytes) -> None:
+        # Frames leave together: the last one at once, the others within COALESCE_SECONDS, so that an
+        # answer's start, its event and its end (a tools/call) wake the sender up once, not three times.
+        self._queued.append(frame)
+        self._queued_bytes += len(frame)
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(COALESCE_SECONDS, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._queued and not self._writer.is_closing():
+            self._writer.write(b"".join(self._queued))
+        self._queued.clear()
+        self._queued_bytes = 0

@@ -34,7 +34,8 @@ from fly_replay_router.affinity.capacity import Admission, Elsewhere, LiveSessio
 from fly_replay_router.affinity.carriers import AmbiguousCarrier, QueryCarrier, find_query_carrier
 from fly_replay_router.affinity.decision import Forward, Reject, Replay, Serve, decide
 from fly_replay_router.affinity.forward import OwnerForwarder, body_replayable
-from fly_replay_router.affinity.handover import HANDED_OVER
+from fly_replay_router.affinity.frames import HANDED_OVER
+from fly_replay_router.affinity.handover import Outcome
 from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.metrics import DecisionCounts
 from fly_replay_router.affinity.orphans import end_orphan
@@ -321,16 +322,25 @@ class AffinityMiddleware:
             await send_forward_failure(send, outcome.status)
 
     async def _other_worker(self, scope: Scope, receive: Receive, send: Send, inner: str) -> str | None:
-        """The inner id to serve here, or None once the request was handed over or answered 404."""
+        """The inner id to serve here, or None once the request was handed over or answered (503, 404)."""
         decision = decide_worker(inner, this_worker=self.workers.tag, handed_over=handed_over(scope))
         if isinstance(decision, Serve):
             return decision.inner_session_id
         owner = f"{self.settings.machine_id}/{decision.owner_worker if isinstance(decision, HandOver) else '-'}"
-        started = time.perf_counter()
-        if isinstance(decision, HandOver) and await self.workers.hand_over(scope, receive, send, decision.owner_worker):
-            self._counts.handover(time.perf_counter() - started)
-            self._record(scope, "handed_over", "", owner)
-            return None
+        if isinstance(decision, HandOver):
+            started = time.perf_counter()
+            outcome = await self.workers.hand_over(
+                scope, receive, send, decision.owner_worker, busy_timeout=self.settings.worker_busy_timeout
+            )
+            if outcome is Outcome.ANSWERED:
+                self._counts.handover(time.perf_counter() - started)
+                self._record(scope, "handed_over", "", owner)
+                return None
+            if outcome is Outcome.BUSY:
+                # The owner is alive and holds the session: the client keeps it and tries again.
+                self._reject(scope, "worker_busy", owner)
+                await send_forward_failure(send, 503)
+                return None
         self._reject(scope, decision.reason if isinstance(decision, Reject) else "worker_gone", owner)
         await send_not_found(send)
         return None

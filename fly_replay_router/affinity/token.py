@@ -45,6 +45,7 @@ MAX_INNER_SESSION_ID_LENGTH = 128
 VERIFIED_TOKENS_KEPT = 10_000
 # Tokens minted on a machine whose clock runs ahead are still young, not "from the future".
 CLOCK_SKEW_SECONDS = 60
+_EARLIEST_AGE = -CLOCK_SKEW_SECONDS
 
 TOKEN_FORMAT = "2"
 _KDF_SALT = b"fly-replay-router session token"
@@ -144,7 +145,7 @@ class TokenCodec:
                 del self._verified[next(iter(self._verified))]  # the oldest entry
             self._verified[token] = session
         age = now - session.issued_at
-        if age < -CLOCK_SKEW_SECONDS:
+        if age < _EARLIEST_AGE:
             raise InvalidToken("token_from_future")
         if max_age is not None and age > max_age:
             raise InvalidToken("token_expired")

@@ -9,7 +9,8 @@ any of them. So the inner id inside a token names the worker too::
 The worker tag is 8 random hex characters drawn when the worker starts serving: a restarted worker
 is a new worker, and the sessions of the old one (gone with its memory) get 404. Each worker
 listens on ``<socket dir>/<worker tag>.sock``; a request that reaches another worker of the right
-machine is streamed there (``fly_replay_router.affinity.handover``) and served by its owner.
+machine is streamed there (``fly_replay_router.affinity.handover``, over connections that
+``fly_replay_router.affinity.siblings`` keeps open) and served by its owner.
 
 The socket directory (``AffinitySettings.worker_socket_dir``; by default
 ``<temp dir>/fly-replay-router-<uid>/<machine id>``) is created with mode 700 and refused if it
@@ -41,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from fly_replay_router.affinity.decision import Reject, Serve
-from fly_replay_router.affinity.handover import HANDED_OVER, hand_over, serve_connection
+from fly_replay_router.affinity.frames import HANDED_OVER
+from fly_replay_router.affinity.handover import Outcome, hand_over, serve_connection
+from fly_replay_router.affinity.siblings import Siblings
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
 from fly_replay_router.settings import AffinitySettings
 
@@ -97,12 +100,12 @@ class WorkerChannel:
     at the first session this worker mints when no lifespan reaches the layer); ``stop`` closes it.
     """
 
-    def __init__(self, directory: str, *, serve: ASGIApp, connect_timeout: float = 2.0, lazy: bool = False) -> None:
+    def __init__(self, directory: str, *, serve: ASGIApp, lazy: bool = False) -> None:
         self.directory = Path(directory)
         # Open the socket at the first session minted when no lifespan opened it: only where several
         # workers are declared, so that a single process (or an app called in-process) binds nothing.
         self.lazy = lazy
-        self.connect_timeout = connect_timeout
+        self.siblings = Siblings()
         self._serve = serve
         self._pid = os.getpid()
         self.tag = secrets.token_hex(4)
@@ -157,8 +160,10 @@ class WorkerChannel:
             )
 
     async def stop(self) -> None:
-        """Close the socket and remove its file: later requests for this worker's sessions get 404."""
+        """Close the socket and remove its file (later requests for this worker's sessions get 404), and
+        the idle connections to the siblings."""
         self._close_server()
+        self.siblings.close()
         self._loop = None
 
     def _close_server(self) -> None:
@@ -194,15 +199,19 @@ class WorkerChannel:
 
         await app(scope, receive_stopping, send_started)
 
-    async def hand_over(self, scope: Scope, receive: Receive, send: Send, owner_worker: str) -> bool:
-        """Stream the request to ``owner_worker`` and its answer back; False if that worker is gone."""
+    async def hand_over(
+        self, scope: Scope, receive: Receive, send: Send, owner_worker: str, *, busy_timeout: float
+    ) -> Outcome:
+        """Stream the request to ``owner_worker`` and its answer back: ``ANSWERED``, or ``BUSY`` (it did
+        not accept within ``busy_timeout`` seconds) or ``GONE`` (no socket, nobody listening), unanswered."""
         return await hand_over(
             scope,
             receive,
             send,
+            siblings=self.siblings,
             socket_path=self.socket_path(owner_worker),
             sender=self.tag,
-            connect_timeout=self.connect_timeout,
+            busy_timeout=busy_timeout,
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

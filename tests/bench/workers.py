@@ -4,13 +4,21 @@
   each on its own port so that the benchmark picks where a call lands. Call by call, alternating:
   ``tools/call`` on worker A for a session A owns, and on worker A for a session B owns (A streams
   it to B over B's Unix socket). The figure is the median of the per-pair latency differences;
-  ``details`` add both medians and the CPU per call of both processes together, each way.
+  ``details`` add both medians.
+- ``handover_cpu_ratio``: the CPU of both processes together per handed-over call over the same
+  per call served by its owner: blocks of ``CPU_BLOCK_CALLS`` calls each way in ABBA order, the
+  median of the blocks' ratios.
 - ``workers_throughput_ratio``: ``tools/call`` throughput of a CPU-bound tool
   (``tests.bench.cpu_app``, 5 ms of CPU per call) under ``uvicorn --workers 2`` over the same under
   ``--workers 1``, in alternating rounds (median of the rounds' ratios). Each server gets the same
   number of sessions; on two workers half are owned by each (sessions are opened one by one on
   new connections, as arrivals over time spread them, and kept until each worker owns its half).
   The kernel gives each client connection to either worker, so about half the calls are handed over.
+  The load generator runs on the same two cores, so this raw figure cannot reach 2.
+- ``workers_throughput_ratio_by_cpu``: the same rounds judged by server CPU per call, as a
+  CPU-bound server's throughput is: two workers serve ``2 / cpu per call`` calls a second where
+  one serves ``1 / cpu per call``, so the figure is ``2 x`` the median of the rounds' ratios of
+  one worker's CPU per call to two workers' (hand-overs included).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -72,7 +81,10 @@ def process_tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-async def handover_cost(pairs: int, cpu_calls: int) -> dict[str, Any]:
+CPU_BLOCK_CALLS = 200
+
+
+async def handover_cost(pairs: int, cpu_blocks: int) -> dict[str, Any]:
     """Latency and CPU a hand-over adds to one ``tools/call`` (``whoami`` of the demo app)."""
     with contextlib.ExitStack() as stack:
         socket_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-workers-")) + "/sockets"
@@ -93,21 +105,31 @@ async def handover_cost(pairs: int, cpu_calls: int) -> dict[str, Any]:
             def both_cpu() -> float:
                 return mcp_load.process_cpu_seconds(a.process.pid) + mcp_load.process_cpu_seconds(b.process.pid)
 
-            cpu: dict[str, float] = {}
-            for name, call in (("served", served), ("handed_over", handed)):
+            async def cpu_per_call(call: Callable[[int], Awaitable[str]]) -> float:
                 before = both_cpu()
-                for index in range(cpu_calls):
+                for index in range(CPU_BLOCK_CALLS):
                     await call(index)
-                cpu[name] = (both_cpu() - before) / cpu_calls * 1e6
+                return (both_cpu() - before) / CPU_BLOCK_CALLS
+
+            cpu_served: list[float] = []
+            cpu_handed: list[float] = []
+            for block in range(cpu_blocks):
+                order = [(served, cpu_served), (handed, cpu_handed)]
+                for call, figures in order if block % 2 == 0 else reversed(order):
+                    figures.append(await cpu_per_call(call))
     differences = [handed - served for served, handed in zip(paired.baseline, paired.subject, strict=True)]
+    ratios = [handed / served for served, handed in zip(cpu_served, cpu_handed, strict=True)]
     return {
         "handover_us": statistics.median(differences) * 1e6,
+        "handover_cpu_ratio": statistics.median(ratios),
         "served_by_owner_median_us": round(statistics.median(paired.baseline) * 1e6, 1),
         "handed_over_median_us": round(statistics.median(paired.subject) * 1e6, 1),
         "pairs": pairs,
-        "cpu_us_per_call_served": round(cpu["served"], 1),
-        "cpu_us_per_call_handed_over": round(cpu["handed_over"], 1),
-        "cpu_calls_each": cpu_calls,
+        "cpu_us_per_call_served": round(statistics.median(cpu_served) * 1e6, 1),
+        "cpu_us_per_call_handed_over": round(statistics.median(cpu_handed) * 1e6, 1),
+        "cpu_block_ratios": [round(ratio, 4) for ratio in ratios],
+        "cpu_blocks_each": cpu_blocks,
+        "cpu_calls_per_block": CPU_BLOCK_CALLS,
     }
 
 
@@ -156,4 +178,9 @@ async def workers_throughput(budget: Budget) -> dict[str, Any]:
         finally:
             for http in https:
                 await http.close()
-    return {"workers_throughput_ratio": rounds.ratio(), **rounds.detail(), "clients": clients}
+    return {
+        "workers_throughput_ratio": rounds.ratio(),
+        "workers_throughput_ratio_by_cpu": 2 * statistics.median(rounds.cpu_ratios()),
+        **rounds.detail(),
+        "clients": clients,
+    }
