@@ -160,7 +160,7 @@ def _part_blocks(blocks: Blocks) -> None:
     """The layer's parts, each on its own (see the module docstring)."""
     from fly_replay_router.affinity.capacity import LiveSessions
     from fly_replay_router.affinity.decision import decide
-    from fly_replay_router.affinity.rewrite import echoing_send
+    from fly_replay_router.affinity.rewrite import Answer, watching_send
     from fly_replay_router.affinity.token import TokenCodec
     from tests.bench.layer import _middleware_request, _run_to_completion
     from tests.conftest import APP_NAME, SECRET
@@ -193,7 +193,28 @@ def _part_blocks(blocks: Blocks) -> None:
 
     start = {"type": "http.response.start", "status": 200, "headers": [(b"mcp-session-id", inner_bytes)]}
     body = {"type": "http.response.body", "body": b"{}"}
-    scope: dict[str, Any] = {"type": "http", "method": "POST", "headers": [(b"a", b"b")] * 6}
+    scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/mcp", "headers": [(b"a", b"b")] * 6}
+
+    class Layer:  # what the watcher asks of the layer, on a served answer that mints nothing
+        def __init__(self) -> None:
+            self.live = live
+
+        def issue_token(self, inner_session_id: str) -> str:
+            return inner_session_id
+
+        def admit(self, scope: Any, *, legacy: bool, admitted: bool) -> None:
+            return None
+
+        async def refuse(self, scope: Any, send: Any, refusal: Any) -> None:
+            return None
+
+        def record_refusal(self, scope: Any, refusal: Any) -> None:
+            return None
+
+        async def minting(self, scope: Any) -> None:
+            return None
+
+    layer = Layer()
 
     async def sink(message: Any) -> None:
         return None
@@ -203,10 +224,12 @@ def _part_blocks(blocks: Blocks) -> None:
         await send(body)
 
     def wrapped() -> None:
-        send = echoing_send(scope, sink, inner_bytes, token.encode(), issue_token=str, live=live)
+        send = watching_send(
+            scope, sink, Answer(), layer, served=inner_bytes, token=token.encode(), admitted=False, served_by=b"x"
+        )
         _run_to_completion(two_messages(send))
 
-    blocks.repeat("part/echoing_send", PART_CALLS, wrapped)
+    blocks.repeat("part/watching_send", PART_CALLS, wrapped)
     blocks.repeat("part/plain_send", PART_CALLS, lambda: _run_to_completion(two_messages(sink)))
 
     def scope_copy() -> None:
@@ -313,7 +336,7 @@ def parts(per_call: dict[str, float]) -> dict[str, int]:
         "decide (token seen before)": per_call["part/decide"],
         "  of which TokenCodec.verify": per_call["part/token_verify"],
         "session budget: started + finished": per_call["part/budget_started_finished"],
-        "echoing_send: wrapper + 2 messages, over plain sends": per_call["part/echoing_send"]
+        "watching_send: wrapper + 2 messages, over plain sends": per_call["part/watching_send"]
         - per_call["part/plain_send"],
         "scope copy with the inner id": per_call["part/scope_copy"],
     }
