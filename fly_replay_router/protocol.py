@@ -46,8 +46,26 @@ SESSION_NOT_FOUND_BODY = json.dumps(
 
 
 def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """The headers declare ``Content-Type: text/event-stream`` (the media type is case-insensitive, RFC 9110 8.3.1)."""
+    """The headers declare ``Content-Type: text/event-stream`` (the first ``content-type`` header decides)."""
     for name, value in headers:
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+            return is_event_stream_type(value)
     return False
+
+
+# The values servers send, decided without parsing (Starlette adds the charset to text/* types).
+KNOWN_CONTENT_TYPES = {
+    b"text/event-stream": True,
+    b"text/event-stream; charset=utf-8": True,
+    b"application/json": False,
+    b"text/plain; charset=utf-8": False,
+}
+
+
+def is_event_stream_type(value: bytes) -> bool:
+    """A ``Content-Type`` value names ``text/event-stream``, whatever its parameters (the media type is
+    case-insensitive, RFC 9110 8.3.1)."""
+    known = KNOWN_CONTENT_TYPES.get(value)
+    if known is not None:
+        return known
+    return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"

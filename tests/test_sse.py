@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
 
-from fly_replay_router.affinity.sse import MAX_SCAN_BYTES, EndpointEventRewriter
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fly_replay_router.affinity.sse import MAX_SCAN_BYTES, EndpointEventRewriter, passes_untouched
 
 INNER = "7da4e80665bd4c6fb73231d63f0c227f"
 
@@ -61,3 +65,133 @@ def test_scanning_gives_up_after_the_limit_without_losing_bytes() -> None:
 def test_an_unfinished_event_is_flushed_unchanged_at_the_end() -> None:
     body, _ = run([b"event: endpoint\r\ndata: /messages/?session_id=abc"])
     assert body == b"event: endpoint\r\ndata: /messages/?session_id=abc"
+
+
+# The event stream as a client reads it (HTML "Interpreting an event stream"): the dispatched events'
+# types and data, after a leading BOM is dropped and lines end in CRLF, LF or CR.
+def parse(stream: bytes) -> list[tuple[str, str]]:
+    events: list[tuple[str, str]] = []
+    kind, data = "", []
+    for line in stream.removeprefix(b"\xef\xbb\xbf").decode().splitlines(keepends=True):
+        if line.rstrip("\r\n") == "":
+            if line[-1:] not in "\r\n":
+                break  # an unfinished last line is dropped
+            if data:
+                events.append((kind or "message", "\n".join(data)))
+            kind, data = "", []
+            continue
+        if line[-1:] not in "\r\n":
+            break
+        field, _, value = line.rstrip("\r\n").partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+    return events
+
+
+def test_the_reference_parser_reads_the_sdks_endpoint_event() -> None:
+    stream = b"event: endpoint\r\ndata: /messages/?session_id=" + INNER.encode() + b"\r\n\r\n"
+    assert parse(stream) == [("endpoint", f"/messages/?session_id={INNER}")]
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        # A byte order mark before the first event: clients drop it, and so must the scan.
+        b"\xef\xbb\xbfevent: endpoint\r\ndata: /messages/?session_id=" + INNER.encode() + b"\r\n\r\n",
+        # Lines ended by CR alone after a comment: each line still starts after the CR.
+        b": hello\revent: endpoint\rdata: /messages/?session_id=" + INNER.encode() + b"\r\r",
+        # A CR then a CRLF: an empty line, so the event has ended.
+        b"event: endpoint\rdata: /messages/?session_id=" + INNER.encode() + b"\r\r\n",
+        # The type given after the data, in a later chunk than the event's start.
+        b"data: /messages/?session_id=" + INNER.encode() + b"\nevent:endpoint\n\n",
+        # A retry field and an id before anything is named.
+        b"retry: 10\n\nid: 7\n\nevent: endpoint\ndata: /messages/?session_id=" + INNER.encode() + b"\n\n",
+    ],
+)
+def test_no_endpoint_event_leaves_with_the_inner_id_however_it_is_written(stream: bytes) -> None:
+    for size in (1, 2, 7, len(stream)):
+        body, _ = run([stream[i : i + size] for i in range(0, len(stream), size)])
+        events = parse(body)
+        assert ("endpoint", f"/messages/?session_id={wrap(INNER)}") in events, (size, body)
+        assert INNER.encode() not in body.replace(wrap(INNER).encode(), b"")
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'event: message\r\ndata: {"jsonrpc":"2.0"}\r\n\r\n',  # the SDK's answers
+        b"\xef\xbb\xbfevent: message\r\ndata: {}\r\n\r\n",  # a byte order mark: the type is still message
+        b"data: {}\n\n",
+        b": ping\r\rdata: x\r\r",
+    ],
+)
+def test_a_first_chunk_of_complete_events_of_another_type_goes_on_as_the_same_object(chunk: bytes) -> None:
+    assert passes_untouched(chunk)
+    rewriter = EndpointEventRewriter(wrap)
+    assert rewriter.feed(chunk) is chunk
+    assert rewriter.done
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"event: endpoint\r\ndata: /messages/?session_id=abc\r\n\r\n",  # an endpoint event
+        b"event: message\r\nevent: endpoint\r\ndata: /x?session_id=abc\r\n\r\n",  # typed twice: the last wins
+        b"event: message\r\ndata: {}\r\n",  # not complete: the type may still change
+        b": ping\r\n\r\nevent: endpoint\r\ndata: /x?session_id=abc\r\n\r\n",  # a comment first
+        b"event: message\r\ndatax: {}\r\n\r\n",  # no data field: nothing dispatched yet
+        b"event: message\r\n\r\n",  # a type alone dispatches nothing
+        b"",
+    ],
+)
+def test_only_a_complete_named_event_that_cannot_be_an_endpoint_passes_untouched(chunk: bytes) -> None:
+    assert not passes_untouched(chunk)
+
+
+EVENT_LINES = st.sampled_from(
+    [
+        b": comment",
+        b"id: 1",
+        b"retry: 5",
+        b"event: endpoint",
+        b"event:endpoint",
+        b"event: message",
+        b"data: /messages/?session_id=" + INNER.encode(),
+        b'data: {"jsonrpc":"2.0"}',
+        b"data",
+    ]
+)
+LINE_ENDS = st.sampled_from([b"\r\n", b"\n", b"\r"])
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    stream = draw(st.sampled_from([b"", b"\xef\xbb\xbf"]))
+    for _ in range(draw(st.integers(1, 4))):
+        for line in draw(st.lists(EVENT_LINES, min_size=0, max_size=4)):
+            stream += line + draw(LINE_ENDS)
+        stream += draw(LINE_ENDS)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    return stream, cuts
+
+
+@settings(max_examples=400, deadline=None)
+@given(streams())
+def test_the_first_event_a_client_sees_as_endpoint_names_a_token_and_nothing_else_changes(
+    case: tuple[bytes, list[int]],
+) -> None:
+    stream, cuts = case
+    bounds = [0, *cuts, len(stream)]
+    body, _ = run([stream[a:b] for a, b in itertools.pairwise(bounds)])
+    before, after = parse(stream), parse(body)
+    assert len(after) == len(before)
+    if before and before[0][0] == "endpoint" and "session_id=" in before[0][1]:
+        # The stream's first event is the endpoint event: the client reads a token in it.
+        assert after[0] == ("endpoint", before[0][1].replace(INNER, wrap(INNER))), (stream, body)
+        assert after[1:] == before[1:]
+    else:
+        # Anything else: at most one session_id rewritten, and every event still there.
+        assert [kind for kind, _ in after] == [kind for kind, _ in before]

@@ -55,12 +55,13 @@ class LiveSessions:
         self._paths[inner] = path
 
     def started(self, inner: bytes, now: float) -> bool:
-        """A request of ``inner`` arrived at ``now``; True if the session counts (then call ``finished``)."""
-        last_seen = self._last_seen
-        if inner not in last_seen:
+        """A request of ``inner`` arrived at ``now``; True if the session counts (then call ``finished``).
+
+        Only the request count changes: a session with a request in flight is live whatever its last
+        end says (``count``), and ``finished`` moves that on.
+        """
+        if inner not in self._last_seen:
             return False
-        last_seen[inner] = now
-        last_seen.move_to_end(inner)
         in_flight = self._in_flight
         in_flight[inner] = in_flight.get(inner, 0) + 1
         return True

@@ -19,6 +19,7 @@ request routing" (https://fly.io/docs/networking/dynamic-request-routing/).
 
 from __future__ import annotations
 
+import math
 import time
 
 from fly_replay_router.affinity.answers import send_forward_failure, send_not_found, send_refusal, send_replay
@@ -39,8 +40,8 @@ from fly_replay_router.affinity.handover import Outcome
 from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.metrics import DecisionCounts
 from fly_replay_router.affinity.orphans import end_orphan
-from fly_replay_router.affinity.rewrite import Answer, LegacyRefused, watching_send
-from fly_replay_router.affinity.token import TokenCodec
+from fly_replay_router.affinity.rewrite import MISDIRECTED, LegacyRefused, Watcher
+from fly_replay_router.affinity.token import VERIFIED_TOKENS_KEPT, TokenCodec
 from fly_replay_router.affinity.workers import WORKER_SEPARATOR, HandOver, WorkerChannel, decide_worker, handed_over
 from fly_replay_router.affinity.workers import socket_dir as worker_socket_dir
 from fly_replay_router.asgi import ASGIApp, Receive, Scope, Send
@@ -52,10 +53,12 @@ from fly_replay_router.protocol import (
 from fly_replay_router.settings import AffinitySettings
 
 _HANDSHAKE_VERSIONS = frozenset(version.encode("ascii") for version in HANDSHAKE_PROTOCOL_VERSIONS)
-# The SDK's DNS-rebinding check answers 421 (Misdirected Request) to a disallowed Host.
-_MISDIRECTED = 421
 # Headers that say the request did not come straight from a client (and so how it arrived).
 _ARRIVAL_HEADERS = ROUTING_HEADERS | {HANDED_OVER}
+# Every request header the routing reads.
+_READ_HEADERS = (
+    frozenset({MCP_SESSION_ID, MCP_PROTOCOL_VERSION, b"content-length", b"transfer-encoding"}) | _ARRIVAL_HEADERS
+)
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -91,7 +94,13 @@ class AffinityMiddleware:
         self._counts.watch(self._admission)
         # Several worker processes per machine: which one owns a session (fly_replay_router.affinity.workers).
         self.workers = WorkerChannel(worker_socket_dir(settings), serve=self, lazy=settings.workers > 1)
+        # Whether the first session minted here opens the hand-over channel (``minting``).
+        self.lazy_channel = self.workers.lazy
         self._served_by_values: dict[tuple[str, str], bytes] = {}
+        self._served_by_direct: tuple[str, bytes] = ("", b"")  # (worker tag, value) once known
+        # Tokens verified for this worker: token -> (inner id, expiry on the monotonic clock, worker
+        # tag). Bounded as the codec's own memory of verified tokens.
+        self._served_here: dict[bytes, tuple[bytes, float, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,13 +113,15 @@ class AffinityMiddleware:
         token: bytes | None = None
         version: bytes | None = None
         length: bytes | None = None
-        token_index = carriers = 0
+        carriers = 0
         chunked = routing = False
-        # One pass over the headers.
-        for index, (name, value) in enumerate(headers):
+        # One pass over the headers; most names are none of these, and one set lookup says so.
+        for name, value in headers:
+            if name not in _READ_HEADERS:
+                continue
             if name == MCP_SESSION_ID:
                 carriers += 1
-                token, token_index = value, index
+                token = value
             elif name == MCP_PROTOCOL_VERSION:
                 if version is None:
                     version = value
@@ -118,7 +129,7 @@ class AffinityMiddleware:
                 length = value
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name in _ARRIVAL_HEADERS:
+            else:
                 routing = True
         query_carrier: QueryCarrier | None = None
         if scope["query_string"]:
@@ -129,6 +140,8 @@ class AffinityMiddleware:
             else:
                 carriers += query_carrier is not None
 
+        served: bytes | None = None  # the inner id of a session served here
+        counted = False  # ... whose request counts in the budget (``LiveSessions.started``)
         if not carriers:
             method = scope["method"]
             admitted = False
@@ -151,96 +164,132 @@ class AffinityMiddleware:
             # Sessionless (2026-07-28 and later) and everything else: passed on, and watched all the
             # same, since only the server's answer tells whether it minted a session after all.
             self._counts.passed += 1
-            answer = Answer()
-            served_by = self._served_by(headers, routing)
-            watching = watching_send(
-                scope, send, answer, self, served=None, token=None, admitted=admitted, served_by=served_by
-            )
-            await self._pass_on(scope, receive, watching, answer)
-            return
-        if carriers > 1:
+            direct = self._served_by_direct
+            served_by = direct[1] if not routing and direct[0] is self.workers.tag else self._served_by(headers)
+            watcher = Watcher(scope, send, self, None, None, admitted, served_by)
+        elif carriers > 1:
             self._reject(scope, "ambiguous_carrier", None)
             await send_not_found(send)
             return
+        else:
+            # A token this worker served before and not yet expired: its inner id at once. Anything
+            # else (a first sight, another owner, another worker, an expiry passed) takes the whole
+            # decision (``_decide``).
+            now = time.monotonic()
+            here = self._served_here.get(token) if query_carrier is None else None  # type: ignore[arg-type]
+            if here is not None and here[1] > now and here[2] is self.workers.tag:
+                served = here[0]
+            else:
+                served = await self._decide(scope, receive, send, token, query_carrier, length, chunked, routing, now)
+                if served is None:
+                    return
+            self._counts.served += 1
+            scope = dict(scope)
+            if query_carrier is None:
+                scope["headers"] = rewritten = list(headers)
+                rewritten[rewritten.index((MCP_SESSION_ID, token))] = (MCP_SESSION_ID, served)  # type: ignore[arg-type]
+                carried: bytes = token  # type: ignore[assignment]
+                # A legacy message post names its session in the query; the session counts by its stream.
+                counted = self._admission.live.started(served, now)
+            else:
+                scope["query_string"] = query_carrier.replaced(scope["query_string"], served)
+                carried = query_carrier.value.encode("ascii")  # a token that verified is ASCII
+            direct = self._served_by_direct
+            served_by = direct[1] if not routing and direct[0] is self.workers.tag else self._served_by(headers)
+            watcher = Watcher(scope, send, self, served, carried, False, served_by, query_carrier is None)
+        try:
+            await self.app(scope, receive, watcher.send)
+        except Exception as exc:
+            if not self._absorbed(scope, watcher, exc):
+                raise
+        finally:
+            if counted:
+                self._admission.live.finished(served, time.monotonic())  # type: ignore[arg-type]
+            if watcher.settle:
+                await self._settle(scope, watcher)
 
+    async def _settle(self, scope: Scope, watcher: Watcher) -> None:
+        """What an answer left to do once the app has returned: its legacy stream no longer counts, and
+        the sessions the budget refused are ended in the server."""
+        if getattr(watcher, "legacy_stream", False):
+            self._admission.live.legacy_streams -= 1
+        for orphan in getattr(watcher, "orphans", None) or ():
+            await end_orphan(self.app, scope, watcher.root_path, orphan)
+
+    async def _decide(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        token: bytes | None,
+        query_carrier: QueryCarrier | None,
+        length: bytes | None,
+        chunked: bool,
+        routing: bool,
+        monotonic_now: float,
+    ) -> bytes | None:
+        """The whole decision for a request that carries a session: the inner id to serve here, or None
+        once the request was answered (404, replay, forward, hand-over)."""
+        now = time.time()
         token_text = query_carrier.value if query_carrier is not None else (token or b"").decode("latin-1")
         replayable = body_replayable(length, chunked)
         decision = decide(
             token_text,
             machine_id=self.settings.machine_id,
             codec=self._codec,
-            now=time.time(),
+            now=now,
             max_age=self.settings.max_token_age,
-            arrival=arrival(headers, replayable) if routing else (SMALL_BODY if replayable else LARGE_BODY),
+            arrival=arrival(scope["headers"], replayable) if routing else (SMALL_BODY if replayable else LARGE_BODY),
         )
         if isinstance(decision, Reject):
             self._reject(scope, decision.reason, decision.owner_machine_id)
             await send_not_found(send)
-            return
+            return None
         if isinstance(decision, Replay):
             self._record(scope, "replayed", "", decision.owner_machine_id)
             await self._send_replay(send, decision.owner_machine_id)
-            return
+            return None
         if isinstance(decision, Forward):
             await self._forward(scope, receive, send, decision.owner_machine_id)
-            return
-
+            return None
+        tag = self.workers.tag
         worker, _, inner_id = decision.inner_session_id.partition(WORKER_SEPARATOR)
-        if worker != self.workers.tag:
+        if worker != tag:
             # Another worker of this machine, or a token minted before workers were named.
             served_id = await self._other_worker(scope, receive, send, decision.inner_session_id)
             if served_id is None:
-                return
-            inner_id = served_id
-        self._counts.served += 1
+                return None
+            return served_id.encode("ascii")
         inner = inner_id.encode("ascii")
-        scope = dict(scope)
         if query_carrier is None:
-            scope["headers"] = rewritten = list(headers)
-            rewritten[token_index] = (MCP_SESSION_ID, inner)
-        else:
-            scope["query_string"] = query_carrier.replaced(scope["query_string"], inner)
-        live = self._admission.live
-        # A legacy message post names its session in the query; the session counts by its stream.
-        counted = query_carrier is None and live.started(inner, time.monotonic())
-        answer = Answer()
-        # A token that verified is ASCII, whichever carrier it came in.
-        watching = watching_send(
-            scope,
-            send,
-            answer,
-            self,
-            served=inner,
-            token=token_text.encode("ascii"),
-            admitted=False,
-            served_by=self._served_by(headers, routing),
-            streamable=query_carrier is None,
-        )
-        try:
-            await self._pass_on(scope, receive, watching, answer)
-        finally:
-            if counted:
-                live.finished(inner, time.monotonic())
-
-    async def _pass_on(self, scope: Scope, receive: Receive, send: Send, answer: Answer) -> None:
-        """Run the inner app with a watching ``send``; then settle what its answer left to do."""
-        try:
-            await self.app(scope, receive, send)
-        except Exception as exc:
-            if answer.refused and _only(exc, LegacyRefused):
-                pass  # the legacy stream the budget refused has ended, as for a client that left
-            elif isinstance(exc, ValueError) and answer.complete and answer.status == _MISDIRECTED:
-                # The official SDK's legacy GET /sse answers a disallowed Host with 421, then raises
-                # ValueError("Request validation failed"): a traceback per request, for a refusal
-                # by design. Only that shape is absorbed (a complete 421, then ValueError).
-                self._reject(scope, "host_not_allowed", None, count=False)
+            # Remembered with its expiry on this process's monotonic clock: a token only grows older.
+            max_age = self.settings.max_token_age
+            if max_age is None:
+                expires = math.inf
             else:
-                raise
-        finally:
-            if answer.legacy_stream:
-                self._admission.live.legacy_streams -= 1
-            for orphan in answer.orphans:
-                await end_orphan(self.app, scope, answer.root_path, orphan)
+                age = now - self._codec.verify(token_text, now=now).issued_at
+                expires = monotonic_now + max_age - age
+            served_here = self._served_here
+            if len(served_here) >= VERIFIED_TOKENS_KEPT:
+                del served_here[next(iter(served_here))]  # the oldest entry
+            served_here[token] = (inner, expires, tag)  # type: ignore[index]
+        return inner
+
+    def _absorbed(self, scope: Scope, watcher: Watcher, exc: Exception) -> bool:
+        """Whether the inner app's exception ends a refusal by design (else it propagates)."""
+        if watcher.refused and _only(exc, LegacyRefused):
+            return True  # the legacy stream the budget refused has ended, as for a client that left
+        if (
+            isinstance(exc, ValueError)
+            and getattr(watcher, "complete", False)
+            and getattr(watcher, "status", 0) == MISDIRECTED
+        ):
+            # The official SDK's legacy GET /sse answers a disallowed Host with 421, then raises
+            # ValueError("Request validation failed"): a traceback per request, for a refusal
+            # by design. Only that shape is absorbed (a complete 421, then ValueError).
+            self._reject(scope, "host_not_allowed", None, count=False)
+            return True
+        return False
 
     @property
     def live(self) -> LiveSessions:
@@ -272,15 +321,19 @@ class AffinityMiddleware:
         if workers.lazy and not workers.serving:
             await workers.start(state=scope.get("state"), root=scope.get("app"))
 
-    def _served_by(self, headers: list[tuple[bytes, bytes]], routing: bool) -> bytes:
-        """The ``affinity-served-by`` value: this machine and worker, and the hops that brought the request."""
-        via = arrived_via(headers) if routing else "direct"
-        key = (self.workers.tag, via)
+    def _served_by(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The ``affinity-served-by`` value: this machine and worker, and the hops that brought the request
+        (``_served_by_direct`` keeps the value for requests that came straight from Fly's proxy)."""
+        tag = self.workers.tag
+        via = arrived_via(headers)
+        key = (tag, via)
         value = self._served_by_values.get(key)
         if value is None:
-            value = f"machine={self.settings.machine_id};worker={self.workers.tag};via={via}".encode("ascii")
+            value = f"machine={self.settings.machine_id};worker={tag};via={via}".encode("ascii")
             if len(self._served_by_values) < 64:
                 self._served_by_values[key] = value
+        if via == "direct":
+            self._served_by_direct = (tag, value)
         return value
 
     async def aclose(self) -> None:

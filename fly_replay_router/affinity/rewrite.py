@@ -1,6 +1,6 @@
 """What the inner server's answers say, and how they leave: every minted session id sealed, every end seen.
 
-One ``send`` wrapper (``watching_send``) goes around every request the layer passes to the inner
+One ``send`` wrapper (``Watcher.send``) goes around every request the layer passes to the inner
 server, whatever the request carried, because the server's answer, not the request, tells what
 happened:
 
@@ -26,12 +26,13 @@ Reference: MCP "Streamable HTTP", session management, and "HTTP with SSE"
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 from fly_replay_router.affinity.capacity import LiveSessions, Refusal
-from fly_replay_router.affinity.sse import EndpointEventRewriter
+from fly_replay_router.affinity.sse import EndpointEventRewriter, passes_untouched
 from fly_replay_router.asgi import Message, Scope, Send
-from fly_replay_router.protocol import MCP_SESSION_ID, is_event_stream
+from fly_replay_router.protocol import KNOWN_CONTENT_TYPES, MCP_SESSION_ID, is_event_stream_type
 
 # Every answer the layer serves for a session names who served it and how the request arrived:
 # ``machine=<id>;worker=<tag>;via=<direct|replay|forward|handover>`` (hops joined by ``+``).
@@ -39,6 +40,8 @@ AFFINITY_SERVED_BY = b"affinity-served-by"
 # How much of a 404's body is read to recognise the server's own "Session not found".
 _NOT_FOUND_SCAN_BYTES = 1024
 _SESSION_NOT_FOUND = b'"Session not found"'
+# The SDK's DNS-rebinding check answers 421 (Misdirected Request) to a disallowed Host.
+MISDIRECTED = 421
 
 
 class LegacyRefused(ConnectionError):
@@ -55,6 +58,9 @@ class Minting(Protocol):
     @property
     def live(self) -> LiveSessions: ...
 
+    # Whether a session minted here must first open the worker hand-over channel (``minting``).
+    lazy_channel: bool
+
     def issue_token(self, inner_session_id: str) -> str: ...
 
     def admit(self, scope: Scope, *, legacy: bool, admitted: bool) -> Refusal | None: ...
@@ -66,117 +72,203 @@ class Minting(Protocol):
     async def minting(self, scope: Scope) -> None: ...
 
 
-class Answer:
-    """What the inner app has answered so far, for the middleware once the app returns."""
-
-    __slots__ = ("complete", "legacy_stream", "orphans", "refused", "root_path", "status")
-
-    def __init__(self) -> None:
-        self.root_path = ""
-        self.status = 0
-        self.complete = False
-        self.legacy_stream = False
-        self.refused = False
-        # Sessions the server minted that the budget refused: the middleware ends them in the server.
-        self.orphans: list[bytes] = []
-
-
-def watching_send(
-    scope: Scope,
-    send: Send,
-    answer: Answer,
-    layer: Minting,
-    *,
-    served: bytes | None,
-    token: bytes | None,
-    admitted: bool,
-    served_by: bytes | None,
-    streamable: bool = True,
-) -> Send:
-    """``send`` for a request the inner server handles (see the module docstring).
+class Watcher:
+    """The ``send`` for one request the inner server handles (``Watcher.send``; see the module docstring),
+    and what the answer has said so far, for the middleware once the app returns.
 
     ``served``/``token``: the inner id the request carried and the client's token for it (None for a
     request without a session). ``admitted``: the request already passed ``admit`` before it reached
     the server (its rate token is spent). ``served_by``: the ``affinity-served-by`` value for answers
     that belong to a session. ``streamable``: the carried id is a Streamable HTTP session (else a
     legacy message post's ``session_id``, whose session the stream counts).
+
+    ``send`` is a plain function that returns what the app awaits (the server's own ``send`` for the
+    message, most of the time): no coroutine of the layer's per message. Body messages are looked at
+    only while something is left to see (an event stream's first events, a 404's body, a 421's end,
+    a refusal); every other message goes on as it came.
+
+    After the app returns, ``settle`` says whether ``legacy_stream`` (a legacy session the stream
+    counted) or ``orphans`` (sessions the server minted that the budget refused) need the layer.
     """
-    rewriter: EndpointEventRewriter | None = None
-    not_found_body: bytearray | None = None
-    path = scope["path"]
-    # As it was when the request arrived: a router inside the app may extend it in place.
-    answer.root_path = scope.get("root_path", "")
 
-    def seal_endpoint(inner_session_id: str) -> str:
-        refusal = layer.admit(scope, legacy=True, admitted=admitted)
-        if refusal is not None:
-            layer.record_refusal(scope, refusal)
-            raise LegacyRefused
-        layer.live.legacy_streams += 1
-        answer.legacy_stream = True
-        return layer.issue_token(inner_session_id)
+    __slots__ = (
+        "_admitted",
+        "_downstream",
+        "_layer",
+        "_not_found_body",
+        "_path",
+        "_rewriter",
+        "_scope",
+        "_served",
+        "_served_by",
+        "_stream_start",
+        "_streamable",
+        "_token",
+        "complete",
+        "inspect_body",
+        "legacy_stream",
+        "orphans",
+        "refused",
+        "root_path",
+        "settle",
+        "status",
+    )
 
-    async def send_watching(message: Message) -> None:
-        nonlocal rewriter, not_found_body
-        if answer.refused:
-            return  # the client was given the refusal; what the server still sends goes nowhere
-        kind = message["type"]
-        if kind == "http.response.start":
-            status = message["status"]
-            answer.status = status
-            headers = message.get("headers", ())
-            rewritten: list[tuple[bytes, bytes]] | None = None
-            for index, (name, value) in enumerate(headers):
-                if name != MCP_SESSION_ID:
-                    continue
+    def __init__(
+        self,
+        scope: Scope,
+        send: Send,
+        layer: Minting,
+        served: bytes | None,
+        token: bytes | None,
+        admitted: bool,
+        served_by: bytes,
+        streamable: bool = True,
+    ) -> None:
+        self._scope = scope
+        self._downstream = send
+        self._layer = layer
+        self._served = served
+        self._token = token
+        self._admitted = admitted
+        self._served_by = served_by
+        self._streamable = streamable
+        self._path: str = scope["path"]
+        # As it was when the request arrived: a router inside the app may extend it in place.
+        self.root_path: str = scope.get("root_path", "")
+        self.inspect_body = False
+        self.refused = False
+        self.settle = False
+        # Set when first needed (the common answer never needs them): status, complete (``_start``,
+        # ``_body``), legacy_stream, orphans (with ``settle``), and the body's watchers (``_start``).
+
+    def send(self, message: Message) -> Awaitable[None]:
+        """The inner app's ``send``."""
+        if message["type"] == "http.response.body":
+            if self.inspect_body:
+                return self._body(message)
+            return self._downstream(message)
+        if message["type"] == "http.response.start":
+            return self._start(message)
+        return self._downstream(message)
+
+    def _start(self, message: Message) -> Awaitable[None]:
+        """``http.response.start``: seal minted ids, echo the token, see ends and streams."""
+        if self.refused:
+            return _nothing()
+        layer = self._layer
+        served = self._served
+        status = message["status"]
+        self.status = status
+        headers = message.get("headers", ())
+        rewritten: list[tuple[bytes, bytes]] | None = None
+        content_type: bytes | None = None
+        opens_channel = False
+        for name, value in headers:
+            if name == MCP_SESSION_ID:
                 if rewritten is None:
                     rewritten = list(headers)
+                index = rewritten.index((name, value))
                 if value == served:
-                    rewritten[index] = (name, token)  # type: ignore[assignment]
+                    rewritten[index] = (name, self._token)  # type: ignore[assignment]
                     continue
                 if status < 400:
-                    refusal = layer.admit(scope, legacy=False, admitted=admitted)
+                    refusal = layer.admit(self._scope, legacy=False, admitted=self._admitted)
                     if refusal is not None:
-                        answer.refused = True
-                        answer.orphans.append(value)
-                        await layer.refuse(scope, send, refusal)
-                        return
-                    layer.live.minted(value, path, time.monotonic())
-                    await layer.minting(scope)
+                        self.refused = self.inspect_body = self.settle = True
+                        self.orphans = [value]
+                        return layer.refuse(self._scope, self._downstream, refusal)
+                    layer.live.minted(value, self._path, time.monotonic())
+                    opens_channel = layer.lazy_channel
                 rewritten[index] = (name, layer.issue_token(value.decode("latin-1")).encode("ascii"))
-            if served is not None and streamable:
-                if status == 404:
-                    not_found_body = bytearray()
-                elif 200 <= status < 300 and scope["method"] == "DELETE":
-                    layer.live.ended(served, path)
-            stream = is_event_stream(headers)
-            if stream:
-                rewriter = EndpointEventRewriter(seal_endpoint)
-                await layer.minting(scope)
-            if served_by is not None and (rewritten is not None or served is not None or stream):
-                if rewritten is None:
-                    rewritten = list(headers)
-                rewritten.append((AFFINITY_SERVED_BY, served_by))
-            if rewritten is not None:
-                message = {**message, "headers": rewritten}
-        elif kind == "http.response.body":
-            complete = not message.get("more_body", False)
-            answer.complete = complete
-            if rewriter is not None and not rewriter.done:
-                try:
-                    body = rewriter.feed(message.get("body", b""))
-                    if complete:
-                        body += rewriter.flush()
-                except LegacyRefused:
-                    answer.refused = True
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    raise
-                message = {**message, "body": body}
-            elif not_found_body is not None:
-                if len(not_found_body) < _NOT_FOUND_SCAN_BYTES:
-                    not_found_body += message.get("body", b"")[:_NOT_FOUND_SCAN_BYTES]
-                if complete and _SESSION_NOT_FOUND in not_found_body:
-                    layer.live.ended(served, path)  # type: ignore[arg-type]
-        await send(message)
+            elif name == b"content-type" and content_type is None:
+                content_type = value
+        inspect = False
+        self._not_found_body: bytearray | None = None
+        if served is not None and self._streamable:
+            if status == 404:
+                self._not_found_body = bytearray()
+                inspect = True
+            elif self._scope["method"] == "DELETE" and 200 <= status < 300:
+                layer.live.ended(served, self._path)
+        if status == MISDIRECTED:
+            inspect = True  # the middleware asks whether the 421 was complete
+        stream = content_type is not None and (
+            KNOWN_CONTENT_TYPES.get(content_type) or is_event_stream_type(content_type)
+        )
+        self._stream_start = stream
+        self._rewriter: EndpointEventRewriter | None = None
+        if stream:
+            inspect = True
+            opens_channel = opens_channel or layer.lazy_channel
+        if inspect:
+            self.inspect_body = True
+            self.complete = False
+        if rewritten is not None or served is not None or stream:
+            if rewritten is None:
+                rewritten = list(headers)
+            rewritten.append((AFFINITY_SERVED_BY, self._served_by))
+            message = dict(message)  # never in place: an app may send one dict twice
+            message["headers"] = rewritten
+        if opens_channel:
+            return self._open_channel_then(message)
+        return self._downstream(message)
 
-    return send_watching
+    def _body(self, message: Message) -> Awaitable[None]:
+        """A body message while something is left to see in the body."""
+        if self.refused:
+            return _nothing()  # the client was given the refusal; what the server still sends goes nowhere
+        complete = not message.get("more_body", False)
+        self.complete = complete
+        chunk = message.get("body", b"")
+        if self._stream_start:
+            # Most streams decide on their first chunk; the others get a rewriter.
+            self._stream_start = False
+            if not passes_untouched(chunk):
+                self._rewriter = EndpointEventRewriter(self._seal_endpoint)
+        rewriter = self._rewriter
+        if rewriter is not None:
+            try:
+                body = rewriter.feed(chunk)
+                if complete:
+                    body += rewriter.flush()
+            except LegacyRefused:
+                self.refused = True
+                return self._end_refused_stream()
+            if rewriter.done:
+                self._rewriter = None
+            if body is not chunk:
+                message = dict(message)
+                message["body"] = body
+        elif self._not_found_body is not None:
+            not_found_body = self._not_found_body
+            if len(not_found_body) < _NOT_FOUND_SCAN_BYTES:
+                not_found_body += chunk[:_NOT_FOUND_SCAN_BYTES]
+            if complete and not_found_body.find(_SESSION_NOT_FOUND) >= 0:
+                self._layer.live.ended(self._served, self._path)  # type: ignore[arg-type]
+        self.inspect_body = self._rewriter is not None or self._not_found_body is not None or self.status == MISDIRECTED
+        return self._downstream(message)
+
+    async def _open_channel_then(self, message: Message) -> None:
+        await self._layer.minting(self._scope)
+        await self._downstream(message)
+
+    async def _end_refused_stream(self) -> None:
+        """The budget refused the legacy session this stream names: it ends before its endpoint event."""
+        await self._downstream({"type": "http.response.body", "body": b"", "more_body": False})
+        raise LegacyRefused
+
+    def _seal_endpoint(self, inner_session_id: str) -> str:
+        """The token for the legacy session an ``endpoint`` event names, once the budget admits it."""
+        layer = self._layer
+        refusal = layer.admit(self._scope, legacy=True, admitted=self._admitted)
+        if refusal is not None:
+            layer.record_refusal(self._scope, refusal)
+            raise LegacyRefused
+        layer.live.legacy_streams += 1
+        self.legacy_stream = self.settle = True
+        return layer.issue_token(inner_session_id)
+
+
+async def _nothing() -> None:
+    """What the app awaits for a message that goes nowhere."""

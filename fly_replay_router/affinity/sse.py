@@ -5,8 +5,16 @@ The SDK opens ``GET /sse`` with ``event: endpoint`` whose data is a relative URL
 must become a token like the ``Mcp-Session-Id`` header does. Only the events before the endpoint
 event are held back (at most ``MAX_SCAN_BYTES``); everything after it streams through untouched.
 
-Reference: HTML "Server-sent events" (an event ends at a blank line; lines end in CRLF, LF or CR);
-``mcp/server/sse.py`` (the endpoint event).
+The first event a client dispatches (one with a ``data`` field) decides: an endpoint event is
+rewritten, any other type means the stream carries none. Events that dispatch nothing (comments,
+``id``, ``retry``) pass on while the scan goes on. Every event stream the layer passes is watched
+this way (a Streamable HTTP answer included), so the usual first chunk, complete events of
+another type, costs three byte searches and no copy (``passes_untouched``).
+
+Reference: HTML "Server-sent events", "Interpreting an event stream" (lines end in CRLF, LF or
+CR; an empty line ends an event; ``event:`` with one optional space names it:
+https://html.spec.whatwg.org/multipage/server-sent-events.html); ``mcp/server/sse.py`` (the
+endpoint event).
 """
 
 from __future__ import annotations
@@ -16,10 +24,81 @@ from collections.abc import Callable
 
 MAX_SCAN_BYTES = 16 * 1024
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_ENDPOINT_LINE = re.compile(rb"^event:[ ]?endpoint[\r\n]", re.MULTILINE)
-_NAMED_EVENT_LINE = re.compile(rb"^(?:event|data):", re.MULTILINE)
+_ENDPOINT = b"endpoint"
 _SESSION_PARAM = re.compile(rb"([?&]session_id=)([^&#\r\n]+)")
+# An empty line at the end of a chunk: every event in it is complete.
+_ENDS_WITH_EMPTY_LINE = (b"\n\r\n", b"\n\n", b"\r\r", b"\r\r\n", b"\r\n\r", b"\n\r")  # CRLF CRLF first
+# A stream may open with a byte order mark, which parsers drop before the first line.
+_BOM = b"\xef\xbb\xbf"
+
+
+def event_end(data: bytes, start: int = 0) -> int:
+    """The index just past the first empty line at or after ``start`` (the end of an event), or -1.
+
+    A line ends in CRLF, LF or CR; an empty line is a line end right after another one (or at
+    ``start``). A CR that ends ``data`` may be the first half of a CRLF: the event ends at it all
+    the same, and the LF that may follow is an empty event of its own.
+    """
+    position = start
+    length = len(data)
+    while True:
+        lf = data.find(b"\n", position)
+        cr = data.find(b"\r", position, lf if lf >= 0 else length)
+        at = cr if cr >= 0 else lf
+        if at < 0:
+            return -1
+        after = at + (2 if data[at : at + 2] == b"\r\n" else 1)
+        if at == start:
+            return after  # an empty first line
+        if after < length:
+            next_byte = data[after]
+            if next_byte == 0x0A:
+                return after + 1
+            if next_byte == 0x0D:
+                return after + (2 if data[after + 1 : after + 2] == b"\n" else 1)
+        position = after
+
+
+def dispatched_type(event: bytes) -> bytes | None:
+    """The type a client gives this event (its last ``event`` field, ``message`` without one), or None if
+    it dispatches nothing (no ``data`` field: comments, ``id``, ``retry``, a type alone)."""
+    kind = b"message"
+    has_data = False
+    # bytes.splitlines ends lines at CRLF, LF and CR: the SSE line ends, and nothing else.
+    for line in event.splitlines():
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            has_data = True
+        elif name == b"event":
+            kind = value.removeprefix(b" ")
+    return kind if has_data else None
+
+
+def passes_untouched(chunk: bytes) -> bool:
+    """The first chunk of a stream decides it without a rewriter: every event in it is complete, one
+    of them dispatches (a ``data:`` line), and none can be an endpoint event (no ``endpoint`` at all).
+
+    Three byte tests, where reading the events line by line costs several times more: the usual
+    stream (``event: message``, the Streamable HTTP answers) goes on untouched. False means only
+    that a rewriter must look (``EndpointEventRewriter``). ``find``, not ``in``: CPython's
+    ``bytes.__contains__`` first tries its operand as an integer, and the ``TypeError`` it makes and
+    drops costs more than the search.
+    """
+    return (
+        chunk.endswith(_ENDS_WITH_EMPTY_LINE)
+        and (chunk.find(b"\ndata:") >= 0 or chunk.startswith(b"data:") or chunk.find(b"\rdata:") >= 0)
+        and chunk.find(_ENDPOINT) < 0
+    )
+
+
+def _rewrite_data(event: bytes, replace: Callable[[re.Match[bytes]], bytes]) -> bytes:
+    """``event`` with every ``session_id`` of its ``data`` lines replaced (a client joins them into one
+    URL); every other byte as it was."""
+    lines = event.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.partition(b":")[0] == b"data":
+            lines[index] = _SESSION_PARAM.sub(replace, line)
+    return b"".join(lines)
 
 
 class EndpointEventRewriter:
@@ -27,38 +106,46 @@ class EndpointEventRewriter:
 
     ``wrap`` turns the inner session id into a token. Once the endpoint event has passed (or an
     event that is not one, or ``MAX_SCAN_BYTES`` without a complete event), ``done`` is true and
-    every later chunk should be sent as it is.
+    every later chunk should be sent as it is. A chunk that needs no change is returned as it came
+    (the same object).
     """
+
+    __slots__ = ("_pending", "_started", "_wrap", "done")
 
     def __init__(self, wrap: Callable[[str], str]) -> None:
         self._wrap = wrap
         self._pending = b""
+        self._started = False  # the stream's first event has been seen
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send now; may be empty while the first events are incomplete."""
         if self.done:
             return chunk
-        data = self._pending + chunk
-        out = bytearray()
+        data = self._pending + chunk if self._pending else chunk
+        passed = 0  # data[:passed]: whole events that may go on as they are
         while True:
-            end = _EVENT_END.search(data)
-            if end is None:
-                if len(data) > MAX_SCAN_BYTES:
+            end = event_end(data, passed)
+            if end < 0:
+                if len(data) - passed > MAX_SCAN_BYTES:
                     self._finish()
-                    return bytes(out) + data
-                self._pending = data
-                return bytes(out)
-            event, data = data[: end.end()], data[end.end() :]
-            if _ENDPOINT_LINE.search(event):
-                out += _SESSION_PARAM.sub(self._replace, event, count=1)
+                    return data
+                self._pending = data[passed:]
+                return data[:passed]
+            event = data[passed:end]
+            if not self._started:
+                self._started = True
+                event = event.removeprefix(_BOM)
+                passed += end - passed - len(event)
+            kind = dispatched_type(event)
+            if kind == _ENDPOINT:
                 self._finish()
-                return bytes(out) + data
-            out += event
-            if _NAMED_EVENT_LINE.search(event):
+                return data[:passed] + _rewrite_data(event, self._replace) + data[end:]
+            passed = end
+            if kind is not None:
                 # Any other event first means this stream carries no endpoint event.
                 self._finish()
-                return bytes(out) + data
+                return data
 
     def flush(self) -> bytes:
         """What is still held back, for the last body message of the response."""

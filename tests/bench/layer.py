@@ -347,28 +347,63 @@ def _run_to_completion(coroutine: Coroutine[Any, Any, None]) -> None:
     raise RuntimeError("the coroutine suspended; it needs an event loop")
 
 
+# What the official SDK sends for a handshake-era ``tools/call`` (``mcp.server.streamable_http``): an
+# event stream with the session's id, one ``message`` event, then the end of the body.
+SDK_ANSWER_EVENT = (
+    b'event: message\r\ndata: {"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text",'
+    b'"text":"benc0000000001"}],"isError":false}}\r\n\r\n'
+)
+
+
+def sdk_like_answer(session: bytes | None) -> list[dict[str, Any]]:
+    """The messages the SDK sends for one ``tools/call`` of session ``session`` (a new list each time)."""
+    headers = [
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"connection", b"keep-alive"),
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+    ]
+    if session is not None:
+        headers.append((b"mcp-session-id", session))
+    return [
+        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.body", "body": SDK_ANSWER_EVENT, "more_body": True},
+        {"type": "http.response.body", "body": b"", "more_body": False},
+    ]
+
+
 def _middleware_request() -> tuple[Callable[[], None], Callable[[], None]]:
-    """(through the layer, straight to the stub): one handshake-era request for a local session."""
+    """(through the layer, straight to the stub): one handshake-era request for a local session, the
+    stub answering as the SDK does (``sdk_like_answer``)."""
     from fly_replay_router.affinity.middleware import AffinityMiddleware
     from fly_replay_router.settings import AffinitySettings
 
     async def stub(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"mcp-session-id", inner)]})
-        await send({"type": "http.response.body", "body": b"{}"})
+        session = None
+        for name, value in scope["headers"]:
+            if name == b"mcp-session-id":
+                session = value
+        for message in sdk_like_answer(session):
+            await send(message)
 
     settings = AffinitySettings(machine_id=MACHINE_ID, secret_keys=(SECRET,), app_name=APP_NAME)
     layer = AffinityMiddleware(stub, settings=settings)
     inner = uuid.uuid4().hex.encode()
     token = layer.issue_token(inner.decode()).encode()
-    headers = [
-        (b"host", b"127.0.0.1:8000"),
-        (b"accept", b"application/json, text/event-stream"),
-        (b"content-type", b"application/json"),
-        (b"content-length", b"80"),
-        (b"mcp-session-id", token),
-        (b"mcp-protocol-version", b"2025-11-25"),
+    layer.live.minted(inner, "/mcp", time.monotonic())
+
+    fields = [
+        ("host", "127.0.0.1:8000"),
+        ("accept", "application/json, text/event-stream"),
+        ("content-type", "application/json"),
+        ("content-length", "80"),
+        ("mcp-session-id", token.decode()),
+        ("mcp-protocol-version", "2025-11-25"),
     ]
-    scope = {"type": "http", "method": "POST", "path": "/mcp", "query_string": b"", "headers": headers}
+
+    def scope() -> dict[str, Any]:
+        # New header objects per request, as a server gives them (their hashes not yet computed).
+        headers = [(name.encode(), value.encode()) for name, value in fields]
+        return {"type": "http", "method": "POST", "path": "/mcp", "query_string": b"", "headers": headers}
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -376,8 +411,8 @@ def _middleware_request() -> tuple[Callable[[], None], Callable[[], None]]:
     async def send(message: Any) -> None:
         return None
 
-    return (lambda: _run_to_completion(layer(scope, receive, send))), (
-        lambda: _run_to_completion(stub(scope, receive, send))
+    return (lambda: _run_to_completion(layer(scope(), receive, send))), (
+        lambda: _run_to_completion(stub(scope(), receive, send))
     )
 
 
