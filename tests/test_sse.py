@@ -71,14 +71,14 @@ def test_an_unfinished_event_is_flushed_unchanged_at_the_end() -> None:
 # types and data, after a leading BOM is dropped and lines end in CRLF, LF or CR.
 def parse(stream: bytes) -> list[tuple[str, str]]:
     events: list[tuple[str, str]] = []
-    kind, data = "", []
+    kind, data = "", list[str]()
     for line in stream.removeprefix(b"\xef\xbb\xbf").decode().splitlines(keepends=True):
         if line.rstrip("\r\n") == "":
             if line[-1:] not in "\r\n":
                 break  # an unfinished last line is dropped
             if data:
                 events.append((kind or "message", "\n".join(data)))
-            kind, data = "", []
+            kind, data = "", list[str]()
             continue
         if line[-1:] not in "\r\n":
             break

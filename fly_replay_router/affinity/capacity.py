@@ -69,11 +69,9 @@ class LiveSessions:
     def finished(self, inner: bytes, now: float) -> None:
         """The request ``started`` for ``inner`` has ended; its session counts as active until now."""
         in_flight = self._in_flight
-        left = in_flight.get(inner, 1) - 1
-        if left:
+        left = in_flight.pop(inner, 1) - 1
+        if left > 0:
             in_flight[inner] = left
-        else:
-            in_flight.pop(inner, None)
         last_seen = self._last_seen
         if inner in last_seen:
             last_seen[inner] = now

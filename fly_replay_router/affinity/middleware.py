@@ -99,8 +99,9 @@ class AffinityMiddleware:
         self._served_by_values: dict[tuple[str, str], bytes] = {}
         self._served_by_direct: tuple[str, bytes] = ("", b"")  # (worker tag, value) once known
         # Tokens verified for this worker: token -> (inner id, expiry on the monotonic clock, worker
-        # tag). Bounded as the codec's own memory of verified tokens.
-        self._served_here: dict[bytes, tuple[bytes, float, str]] = {}
+        # tag, affinity-served-by for a direct request). Bounded as the codec's own memory of verified
+        # tokens.
+        self._served_here: dict[bytes, tuple[bytes, float, str, bytes]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -179,10 +180,13 @@ class AffinityMiddleware:
             here = self._served_here.get(token) if query_carrier is None else None  # type: ignore[arg-type]
             if here is not None and here[1] > now and here[2] is self.workers.tag:
                 served = here[0]
+                served_by = here[3] if not routing else self._served_by(headers)
             else:
                 served = await self._decide(scope, receive, send, token, query_carrier, length, chunked, routing, now)
                 if served is None:
                     return
+                direct = self._served_by_direct
+                served_by = direct[1] if not routing and direct[0] is self.workers.tag else self._served_by(headers)
             self._counts.served += 1
             scope = dict(scope)
             if query_carrier is None:
@@ -194,8 +198,6 @@ class AffinityMiddleware:
             else:
                 scope["query_string"] = query_carrier.replaced(scope["query_string"], served)
                 carried = query_carrier.value.encode("ascii")  # a token that verified is ASCII
-            direct = self._served_by_direct
-            served_by = direct[1] if not routing and direct[0] is self.workers.tag else self._served_by(headers)
             watcher = Watcher(scope, send, self, served, carried, False, served_by, query_carrier is None)
         try:
             await self.app(scope, receive, watcher.send)
@@ -272,7 +274,9 @@ class AffinityMiddleware:
             served_here = self._served_here
             if len(served_here) >= VERIFIED_TOKENS_KEPT:
                 del served_here[next(iter(served_here))]  # the oldest entry
-            served_here[token] = (inner, expires, tag)  # type: ignore[index]
+            direct = self._served_by_direct
+            served_by = direct[1] if direct[0] is tag else self._served_by([])
+            served_here[token] = (inner, expires, tag, served_by)  # type: ignore[index]
         return inner
 
     def _absorbed(self, scope: Scope, watcher: Watcher, exc: Exception) -> bool:

@@ -72,6 +72,11 @@ class Minting(Protocol):
     async def minting(self, scope: Scope) -> None: ...
 
 
+# What a body message gets (``Watcher._body_mode``): sent on as it is, the first chunk of an event
+# stream looked at, or everything looked at (``_body``).
+_PASS, _FIRST_CHUNK, _WATCH = 0, 1, 2
+
+
 class Watcher:
     """The ``send`` for one request the inner server handles (``Watcher.send``; see the module docstring),
     and what the answer has said so far, for the middleware once the app returns.
@@ -93,6 +98,7 @@ class Watcher:
 
     __slots__ = (
         "_admitted",
+        "_body_mode",
         "_downstream",
         "_layer",
         "_not_found_body",
@@ -105,7 +111,6 @@ class Watcher:
         "_streamable",
         "_token",
         "complete",
-        "inspect_body",
         "legacy_stream",
         "orphans",
         "refused",
@@ -136,7 +141,7 @@ class Watcher:
         self._path: str = scope["path"]
         # As it was when the request arrived: a router inside the app may extend it in place.
         self.root_path: str = scope.get("root_path", "")
-        self.inspect_body = False
+        self._body_mode = _PASS
         self.refused = False
         self.settle = False
         # Set when first needed (the common answer never needs them): status, complete (``_start``,
@@ -145,9 +150,12 @@ class Watcher:
     def send(self, message: Message) -> Awaitable[None]:
         """The inner app's ``send``."""
         if message["type"] == "http.response.body":
-            if self.inspect_body:
-                return self._body(message)
-            return self._downstream(message)
+            mode = self._body_mode
+            if mode == _PASS:
+                return self._downstream(message)
+            if mode == _FIRST_CHUNK:
+                return self._first_chunk(message)
+            return self._body(message)
         if message["type"] == "http.response.start":
             return self._start(message)
         return self._downstream(message)
@@ -175,7 +183,8 @@ class Watcher:
                 if status < 400:
                     refusal = layer.admit(self._scope, legacy=False, admitted=self._admitted)
                     if refusal is not None:
-                        self.refused = self.inspect_body = self.settle = True
+                        self.refused = self.settle = True
+                        self._body_mode = _WATCH
                         self.orphans = [value]
                         return layer.refuse(self._scope, self._downstream, refusal)
                     layer.live.minted(value, self._path, time.monotonic())
@@ -198,12 +207,13 @@ class Watcher:
         )
         self._stream_start = stream
         self._rewriter: EndpointEventRewriter | None = None
-        if stream:
-            inspect = True
-            opens_channel = opens_channel or layer.lazy_channel
         if inspect:
-            self.inspect_body = True
+            self._body_mode = _WATCH
             self.complete = False
+        elif stream:
+            self._body_mode = _FIRST_CHUNK
+        if stream:
+            opens_channel = opens_channel or layer.lazy_channel
         if rewritten is not None or served is not None or stream:
             if rewritten is None:
                 rewritten = list(headers)
@@ -246,8 +256,18 @@ class Watcher:
                 not_found_body += chunk[:_NOT_FOUND_SCAN_BYTES]
             if complete and not_found_body.find(_SESSION_NOT_FOUND) >= 0:
                 self._layer.live.ended(self._served, self._path)  # type: ignore[arg-type]
-        self.inspect_body = self._rewriter is not None or self._not_found_body is not None or self.status == MISDIRECTED
+        if self._rewriter is None and self._not_found_body is None and self.status != MISDIRECTED:
+            self._body_mode = _PASS
         return self._downstream(message)
+
+    def _first_chunk(self, message: Message) -> Awaitable[None]:
+        """The first body message of an event stream, when nothing else is watched: most decide at once."""
+        if passes_untouched(message.get("body", b"")):
+            self._body_mode = _PASS
+            return self._downstream(message)
+        self._body_mode = _WATCH
+        self.complete = False
+        return self._body(message)
 
     async def _open_channel_then(self, message: Message) -> None:
         await self._layer.minting(self._scope)
