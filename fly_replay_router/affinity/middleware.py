@@ -92,6 +92,7 @@ class AffinityMiddleware:
             burst=settings.new_session_burst,
         )
         self._counts.watch(self._admission)
+        self._live = self._admission.live
         # Several worker processes per machine: which one owns a session (fly_replay_router.affinity.workers).
         self.workers = WorkerChannel(worker_socket_dir(settings), serve=self, lazy=settings.workers > 1)
         # Whether the first session minted here opens the hand-over channel (``minting``).
@@ -194,7 +195,7 @@ class AffinityMiddleware:
                 rewritten[rewritten.index((MCP_SESSION_ID, token))] = (MCP_SESSION_ID, served)  # type: ignore[arg-type]
                 carried: bytes = token  # type: ignore[assignment]
                 # A legacy message post names its session in the query; the session counts by its stream.
-                counted = self._admission.live.started(served, now)
+                counted = self._live.started(served, now)
             else:
                 scope["query_string"] = query_carrier.replaced(scope["query_string"], served)
                 carried = query_carrier.value.encode("ascii")  # a token that verified is ASCII
@@ -206,7 +207,7 @@ class AffinityMiddleware:
                 raise
         finally:
             if counted:
-                self._admission.live.finished(served, time.monotonic())  # type: ignore[arg-type]
+                self._live.finished(served, time.monotonic())  # type: ignore[arg-type]
             if watcher.settle:
                 await self._settle(scope, watcher)
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from fly_replay_router.protocol import ENDPOINT_SESSION_PARAM
+
 MAX_SCAN_BYTES = 16 * 1024
 
 _ENDPOINT = b"endpoint"
-_SESSION_PARAM = re.compile(rb"([?&]session_id=)([^&#\r\n]+)")
 # An empty line at the end of a chunk: every event in it is complete.
 _ENDS_WITH_EMPTY_LINE = (b"\n\r\n", b"\n\n", b"\r\r", b"\r\r\n", b"\r\n\r", b"\n\r")  # CRLF CRLF first
 # A stream may open with a byte order mark, which parsers drop before the first line.
@@ -80,14 +81,15 @@ def passes_untouched(chunk: bytes) -> bool:
 
     Three byte tests, where reading the events line by line costs several times more: the usual
     stream (``event: message``, the Streamable HTTP answers) goes on untouched. False means only
-    that a rewriter must look (``EndpointEventRewriter``). ``find``, not ``in``: CPython's
+    that a rewriter must look (``EndpointEventRewriter``). Not ``in``: CPython's
     ``bytes.__contains__`` first tries its operand as an integer, and the ``TypeError`` it makes and
-    drops costs more than the search.
+    drops costs more than the search; ``partition`` takes its one argument without parsing a tuple
+    of them, as ``find`` does, and a slice compares the usual ending cheaper than ``endswith``.
     """
     return (
-        chunk.endswith(_ENDS_WITH_EMPTY_LINE)
+        (chunk[-3:] == b"\n\r\n" or chunk.endswith(_ENDS_WITH_EMPTY_LINE))
         and (chunk.find(b"\ndata:") >= 0 or chunk.startswith(b"data:") or chunk.find(b"\rdata:") >= 0)
-        and chunk.find(_ENDPOINT) < 0
+        and not chunk.partition(_ENDPOINT)[1]
     )
 
 
@@ -97,7 +99,7 @@ def _rewrite_data(event: bytes, replace: Callable[[re.Match[bytes]], bytes]) -> 
     lines = event.splitlines(keepends=True)
     for index, line in enumerate(lines):
         if line.partition(b":")[0] == b"data":
-            lines[index] = _SESSION_PARAM.sub(replace, line)
+            lines[index] = ENDPOINT_SESSION_PARAM.sub(replace, line)
     return b"".join(lines)
 
 
