@@ -214,7 +214,9 @@ class Watcher:
             self._body_mode = _FIRST_CHUNK
         if stream:
             opens_channel = opens_channel or layer.lazy_channel
-        if rewritten is not None or served is not None or stream:
+        # Answers that belong to a session name who served them: a session's request, a mint, and a
+        # GET stream (a legacy stream opens its session in its endpoint event).
+        if rewritten is not None or served is not None or (stream and self._scope["method"] == "GET"):
             if rewritten is None:
                 rewritten = list(headers)
             rewritten.append((AFFINITY_SERVED_BY, self._served_by))
