@@ -166,9 +166,8 @@ class AffinityMiddleware:
             # Sessionless (2026-07-28 and later) and everything else: passed on, and watched all the
             # same, since only the server's answer tells whether it minted a session after all.
             self._counts.passed += 1
-            direct = self._served_by_direct
-            served_by = direct[1] if not routing and direct[0] is self.workers.tag else self._served_by(headers)
-            watcher = Watcher(scope, send, self, None, None, admitted, served_by)
+            # affinity-served-by only if the answer turns out to belong to a session (Watcher asks).
+            watcher = Watcher(scope, send, self, None, None, admitted, None)
         elif carriers > 1:
             self._reject(scope, "ambiguous_carrier", None)
             await send_not_found(send)
@@ -325,6 +324,12 @@ class AffinityMiddleware:
         workers = self.workers
         if workers.lazy and not workers.serving:
             await workers.start(state=scope.get("state"), root=scope.get("app"))
+
+    def served_by(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The ``affinity-served-by`` value for a request with these headers (``rewrite.Minting``)."""
+        direct = self._served_by_direct
+        routed = not _ARRIVAL_HEADERS.isdisjoint(name for name, _ in headers)
+        return direct[1] if not routed and direct[0] is self.workers.tag else self._served_by(headers)
 
     def _served_by(self, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The ``affinity-served-by`` value: this machine and worker, and the hops that brought the request

@@ -63,6 +63,8 @@ class Minting(Protocol):
 
     def issue_token(self, inner_session_id: str) -> str: ...
 
+    def served_by(self, headers: list[tuple[bytes, bytes]]) -> bytes: ...
+
     def admit(self, scope: Scope, *, legacy: bool, admitted: bool) -> Refusal | None: ...
 
     async def refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None: ...
@@ -84,8 +86,9 @@ class Watcher:
     ``served``/``token``: the inner id the request carried and the client's token for it (None for a
     request without a session). ``admitted``: the request already passed ``admit`` before it reached
     the server (its rate token is spent). ``served_by``: the ``affinity-served-by`` value for answers
-    that belong to a session. ``streamable``: the carried id is a Streamable HTTP session (else a
-    legacy message post's ``session_id``, whose session the stream counts).
+    that belong to a session (None: asked of the layer if one does). ``streamable``: the carried id
+    is a Streamable HTTP session (else a legacy message post's ``session_id``, whose session the
+    stream counts).
 
     ``send`` is a plain function that returns what the app awaits (the server's own ``send`` for the
     message, most of the time): no coroutine of the layer's per message. Body messages are looked at
@@ -127,7 +130,7 @@ class Watcher:
         served: bytes | None,
         token: bytes | None,
         admitted: bool,
-        served_by: bytes,
+        served_by: bytes | None,
         streamable: bool = True,
     ) -> None:
         self._scope = scope
@@ -202,9 +205,10 @@ class Watcher:
                 layer.live.ended(served, self._path)
         if status == MISDIRECTED:
             inspect = True  # the middleware asks whether the 421 was complete
-        stream = content_type is not None and (
-            KNOWN_CONTENT_TYPES.get(content_type) or is_event_stream_type(content_type)
-        )
+        stream = False
+        if content_type is not None:
+            known = KNOWN_CONTENT_TYPES.get(content_type)
+            stream = is_event_stream_type(content_type) if known is None else known
         self._stream_start = stream
         self._rewriter: EndpointEventRewriter | None = None
         if inspect:
@@ -219,7 +223,7 @@ class Watcher:
         if rewritten is not None or served is not None or (stream and self._scope["method"] == "GET"):
             if rewritten is None:
                 rewritten = list(headers)
-            rewritten.append((AFFINITY_SERVED_BY, self._served_by))
+            rewritten.append((AFFINITY_SERVED_BY, self._served_by or layer.served_by(self._scope["headers"])))
             message = dict(message)  # never in place: an app may send one dict twice
             message["headers"] = rewritten
         if opens_channel:
