@@ -175,11 +175,12 @@ class Watcher:
         rewritten: list[tuple[bytes, bytes]] | None = None
         content_type: bytes | None = None
         opens_channel = False
+        index = -1
         for name, value in headers:
+            index += 1
             if name == MCP_SESSION_ID:
                 if rewritten is None:
                     rewritten = list(headers)
-                index = rewritten.index((name, value))
                 if value == served:
                     rewritten[index] = (name, self._token)  # type: ignore[assignment]
                     continue
