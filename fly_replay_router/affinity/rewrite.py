@@ -122,6 +122,15 @@ class Watcher:
         "status",
     )
 
+    # Set when first needed (see ``__init__``).
+    status: int
+    complete: bool
+    legacy_stream: bool
+    orphans: list[bytes]
+    _stream_start: bool
+    _rewriter: EndpointEventRewriter | None
+    _not_found_body: bytearray | None
+
     def __init__(
         self,
         scope: Scope,
@@ -197,10 +206,10 @@ class Watcher:
             elif name == b"content-type" and content_type is None:
                 content_type = value
         inspect = False
-        self._not_found_body: bytearray | None = None
+        not_found_body: bytearray | None = None
         if served is not None and self._streamable:
             if status == 404:
-                self._not_found_body = bytearray()
+                not_found_body = bytearray()
                 inspect = True
             elif self._scope["method"] == "DELETE" and 200 <= status < 300:
                 layer.live.ended(served, self._path)
@@ -210,11 +219,8 @@ class Watcher:
         if content_type is not None:
             known = KNOWN_CONTENT_TYPES.get(content_type)
             stream = is_event_stream_type(content_type) if known is None else known
-        self._stream_start = stream
-        self._rewriter: EndpointEventRewriter | None = None
         if inspect:
-            self._body_mode = _WATCH
-            self.complete = False
+            self._watch_body(stream, not_found_body)
         elif stream:
             self._body_mode = _FIRST_CHUNK
         if stream:
@@ -272,9 +278,16 @@ class Watcher:
         if passes_untouched(message.get("body", b"")):
             self._body_mode = _PASS
             return self._downstream(message)
+        self._watch_body(True, None)
+        return self._body(message)
+
+    def _watch_body(self, stream_start: bool, not_found_body: bytearray | None) -> None:
+        """From now on every body message goes through ``_body`` (these are what it reads)."""
         self._body_mode = _WATCH
         self.complete = False
-        return self._body(message)
+        self._stream_start = stream_start
+        self._rewriter = None
+        self._not_found_body = not_found_body
 
     async def _open_channel_then(self, message: Message) -> None:
         await self._layer.minting(self._scope)
