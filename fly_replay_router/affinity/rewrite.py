@@ -278,7 +278,8 @@ class Watcher:
         if passes_untouched(message.get("body", b"")):
             self._body_mode = _PASS
             return self._downstream(message)
-        self._watch_body(True, None)
+        self._watch_body(False, None)
+        self._rewriter = EndpointEventRewriter(self._seal_endpoint)
         return self._body(message)
 
     def _watch_body(self, stream_start: bool, not_found_body: bytearray | None) -> None:
