@@ -54,7 +54,7 @@ def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 
 
 # The values servers send, decided without parsing (Starlette adds the charset to text/* types).
-KNOWN_CONTENT_TYPES = {
+_KNOWN_TYPES = {
     b"text/event-stream": True,
     b"text/event-stream; charset=utf-8": True,
     b"application/json": False,
@@ -65,7 +65,7 @@ KNOWN_CONTENT_TYPES = {
 def is_event_stream_type(value: bytes) -> bool:
     """A ``Content-Type`` value names ``text/event-stream``, whatever its parameters (the media type is
     case-insensitive, RFC 9110 8.3.1)."""
-    known = KNOWN_CONTENT_TYPES.get(value)
+    known = _KNOWN_TYPES.get(value)
     if known is not None:
         return known
     return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"

@@ -98,7 +98,6 @@ class AffinityMiddleware:
         # Whether the first session minted here opens the hand-over channel (``minting``).
         self.lazy_channel = self.workers.lazy
         self._served_by_values: dict[tuple[str, str], bytes] = {}
-        self._served_by_direct: tuple[str, bytes] = ("", b"")  # (worker tag, value) once known
         # Tokens verified for this worker: token -> (inner id, expiry on the monotonic clock, worker
         # tag, affinity-served-by for a direct request). Bounded as the codec's own memory of verified
         # tokens.
@@ -180,13 +179,12 @@ class AffinityMiddleware:
             here = self._served_here.get(token) if query_carrier is None else None  # type: ignore[arg-type]
             if here is not None and here[1] > now and here[2] is self.workers.tag:
                 served = here[0]
-                served_by = here[3] if not routing else self._served_by(headers)
+                served_by = here[3] if not routing else self._served_by(headers, routing)
             else:
                 served = await self._decide(scope, receive, send, token, query_carrier, length, chunked, routing, now)
                 if served is None:
                     return
-                direct = self._served_by_direct
-                served_by = direct[1] if not routing and direct[0] is self.workers.tag else self._served_by(headers)
+                served_by = self._served_by(headers, routing)
             self._counts.served += 1
             scope = dict(scope)
             if query_carrier is None:
@@ -214,7 +212,7 @@ class AffinityMiddleware:
         """What an answer left to do once the app has returned: its legacy stream no longer counts, and
         the sessions the budget refused are ended in the server."""
         if getattr(watcher, "legacy_stream", False):
-            self._admission.live.legacy_streams -= 1
+            self._live.legacy_streams -= 1
         for orphan in getattr(watcher, "orphans", None) or ():
             await end_orphan(self.app, scope, watcher.root_path, orphan)
 
@@ -274,9 +272,7 @@ class AffinityMiddleware:
             served_here = self._served_here
             if len(served_here) >= VERIFIED_TOKENS_KEPT:
                 del served_here[next(iter(served_here))]  # the oldest entry
-            direct = self._served_by_direct
-            served_by = direct[1] if direct[0] is tag else self._served_by([])
-            served_here[token] = (inner, expires, tag, served_by)  # type: ignore[index]
+            served_here[token] = (inner, expires, tag, self._served_by([], False))  # type: ignore[index]
         return inner
 
     def _absorbed(self, scope: Scope, watcher: Watcher, exc: Exception) -> bool:
@@ -327,23 +323,19 @@ class AffinityMiddleware:
 
     def served_by(self, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The ``affinity-served-by`` value for a request with these headers (``rewrite.Minting``)."""
-        direct = self._served_by_direct
-        routed = not _ARRIVAL_HEADERS.isdisjoint(name for name, _ in headers)
-        return direct[1] if not routed and direct[0] is self.workers.tag else self._served_by(headers)
+        return self._served_by(headers, not _ARRIVAL_HEADERS.isdisjoint(name for name, _ in headers))
 
-    def _served_by(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+    def _served_by(self, headers: list[tuple[bytes, bytes]], routing: bool) -> bytes:
         """The ``affinity-served-by`` value: this machine and worker, and the hops that brought the request
-        (``_served_by_direct`` keeps the value for requests that came straight from Fly's proxy)."""
+        (``routing``: the headers say it did not come straight from Fly's proxy)."""
         tag = self.workers.tag
-        via = arrived_via(headers)
+        via = arrived_via(headers) if routing else "direct"
         key = (tag, via)
         value = self._served_by_values.get(key)
         if value is None:
             value = f"machine={self.settings.machine_id};worker={tag};via={via}".encode("ascii")
             if len(self._served_by_values) < 64:
                 self._served_by_values[key] = value
-        if via == "direct":
-            self._served_by_direct = (tag, value)
         return value
 
     async def aclose(self) -> None:

@@ -32,7 +32,7 @@ from typing import Protocol
 from fly_replay_router.affinity.capacity import LiveSessions, Refusal
 from fly_replay_router.affinity.sse import EndpointEventRewriter, passes_untouched
 from fly_replay_router.asgi import Message, Scope, Send
-from fly_replay_router.protocol import KNOWN_CONTENT_TYPES, MCP_SESSION_ID, is_event_stream_type
+from fly_replay_router.protocol import MCP_SESSION_ID, is_event_stream_type
 
 # Every answer the layer serves for a session names who served it and how the request arrived:
 # ``machine=<id>;worker=<tag>;via=<direct|replay|forward|handover>`` (hops joined by ``+``).
@@ -215,10 +215,7 @@ class Watcher:
                 layer.live.ended(served, self._path)
         if status == MISDIRECTED:
             inspect = True  # the middleware asks whether the 421 was complete
-        stream = False
-        if content_type is not None:
-            known = KNOWN_CONTENT_TYPES.get(content_type)
-            stream = is_event_stream_type(content_type) if known is None else known
+        stream = content_type is not None and is_event_stream_type(content_type)
         if inspect:
             self._watch_body(stream, not_found_body)
         elif stream:

@@ -31,33 +31,23 @@ _ENDPOINT = b"endpoint"
 _ENDS_WITH_EMPTY_LINE = (b"\n\r\n", b"\n\n", b"\r\r", b"\r\r\n", b"\r\n\r", b"\n\r")  # CRLF CRLF first
 # A stream may open with a byte order mark, which parsers drop before the first line.
 _BOM = b"\xef\xbb\xbf"
+_LINE_ENDS = frozenset({b"\r\n", b"\n", b"\r"})
 
 
 def event_end(data: bytes, start: int = 0) -> int:
     """The index just past the first empty line at or after ``start`` (the end of an event), or -1.
 
-    A line ends in CRLF, LF or CR; an empty line is a line end right after another one (or at
-    ``start``). A CR that ends ``data`` may be the first half of a CRLF: the event ends at it all
-    the same, and the LF that may follow is an empty event of its own.
+    A line ends in CRLF, LF or CR; an empty line is a line end alone. A CR that ends ``data`` may
+    be the first half of a CRLF: the event ends at it all the same, and the LF that may follow is
+    an empty event of its own.
     """
     position = start
-    length = len(data)
-    while True:
-        lf = data.find(b"\n", position)
-        cr = data.find(b"\r", position, lf if lf >= 0 else length)
-        at = cr if cr >= 0 else lf
-        if at < 0:
-            return -1
-        after = at + (2 if data[at : at + 2] == b"\r\n" else 1)
-        if at == start:
-            return after  # an empty first line
-        if after < length:
-            next_byte = data[after]
-            if next_byte == 0x0A:
-                return after + 1
-            if next_byte == 0x0D:
-                return after + (2 if data[after + 1 : after + 2] == b"\n" else 1)
-        position = after
+    # bytes.splitlines ends lines at CRLF, LF and CR: the SSE line ends, and nothing else.
+    for line in data[start:].splitlines(keepends=True):
+        position += len(line)
+        if line in _LINE_ENDS:
+            return position
+    return -1
 
 
 def dispatched_type(event: bytes) -> bytes | None:
@@ -137,8 +127,8 @@ class EndpointEventRewriter:
             event = data[passed:end]
             if not self._started:
                 self._started = True
-                event = event.removeprefix(_BOM)
-                passed += end - passed - len(event)
+                if event.startswith(_BOM):  # sent on as it came, left out of the reading
+                    event, passed = event[len(_BOM) :], passed + len(_BOM)
             kind = dispatched_type(event)
             if kind == _ENDPOINT:
                 self._finish()
