@@ -27,6 +27,9 @@ class UncompressedStreamsMiddleware:
         async def send_marked(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
+                if not isinstance(headers, (list, tuple)):  # any iterable of pairs: read it once
+                    headers = list(headers)
+                    message = {**message, "headers": headers}
                 if is_event_stream(headers) and not any(name == b"content-encoding" for name, _ in headers):
                     message = {**message, "headers": [*headers, (b"content-encoding", b"none")]}
             await send(message)

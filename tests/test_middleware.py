@@ -15,6 +15,7 @@ from fly_replay_router import AffinityMiddleware, AffinitySettings
 from fly_replay_router.affinity.logs import DecisionLog
 from fly_replay_router.affinity.token import TokenCodec
 from fly_replay_router.protocol import SESSION_NOT_FOUND_BODY
+from fly_replay_router.streaming import UncompressedStreamsMiddleware
 
 HERE = "aaaaaaaaaaaaaa"
 OTHER = "bbbbbbbbbbbbbb"
@@ -413,3 +414,36 @@ async def test_only_the_sdks_error_after_its_own_421_is_absorbed() -> None:
     for status, error in ((200, ValueError("boom")), (421, RuntimeError("boom")), (500, ValueError("boom"))):
         with pytest.raises(type(error)):
             await call(AffinityMiddleware(RaisesAfterAnswering(status, error), settings=SETTINGS), http_scope("GET"))
+
+
+class HeadersOnce:
+    """Response headers an app gives as a one-pass iterable (ASGI allows any iterable of pairs)."""
+
+    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        self.pairs = pairs
+
+    def __iter__(self) -> Any:
+        pairs, self.pairs = self.pairs, []
+        return iter(pairs)
+
+
+@pytest.mark.parametrize("request_session", ["served", "minted", "none"])
+async def test_headers_given_as_a_one_pass_iterable_all_reach_the_client(request_session: str) -> None:
+    pairs = [(b"content-type", b"text/event-stream"), (b"x-kept", b"1")]
+    if request_session != "none":
+        pairs.append((b"mcp-session-id", INNER.encode() if request_session == "served" else b"new-inner-id"))
+    inner = InnerApp(
+        {"type": "http.response.start", "status": 200, "headers": HeadersOnce(pairs)},
+        {"type": "http.response.body", "body": b"event: message\r\ndata: {}\r\n\r\n"},
+    )
+    layer = AffinityMiddleware(inner, settings=SETTINGS)
+    headers = (
+        [(b"mcp-session-id", token_for(HERE, f"{layer.workers.tag}~{INNER}"))] if request_session == "served" else []
+    )
+    sent, _ = await call(UncompressedStreamsMiddleware(layer), http_scope(method="GET", headers=headers))
+    received = dict(sent[0]["headers"])
+    assert received[b"x-kept"] == b"1"
+    assert received[b"content-type"] == b"text/event-stream"
+    assert received[b"content-encoding"] == b"none"  # the stream is marked as uncompressed
+    if request_session != "none":
+        assert CODEC.verify(received[b"mcp-session-id"].decode(), now=time.time()).owner_machine_id == HERE

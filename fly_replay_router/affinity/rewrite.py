@@ -181,6 +181,10 @@ class Watcher:
         status = message["status"]
         self.status = status
         headers = message.get("headers", ())
+        if not isinstance(headers, (list, tuple)):
+            # Any iterable of pairs, says ASGI: read once here, so the server below gets them all.
+            headers = list(headers)
+            message = {**message, "headers": headers}
         rewritten: list[tuple[bytes, bytes]] | None = None
         content_type: bytes | None = None
         opens_channel = False
