@@ -79,29 +79,33 @@ class Blocks:
         try:
             for index in range(count):
                 await call(index + 10)
-        finally:
-            self._close()
+        except BaseException:
+            self._close(failed=True)
+            raise
+        self._close(failed=False)
 
     def repeat(self, label: str, count: int, function: Callable[[], object]) -> None:
         self._open(label, count)
         try:
             for _ in range(count):
                 function()
-        finally:
-            self._close()
+        except BaseException:
+            self._close(failed=True)
+            raise
+        self._close(failed=False)
 
     def _open(self, label: str, count: int) -> None:
-        # A block that fails still writes its file (numbering stays in step) under a "failed/" label.
-        self.labels.append((f"failed/{label}", count))
+        self.labels.append((label, count))
         _quiet_collector()
         _zero()
 
-    def _close(self) -> None:
+    def _close(self, *, failed: bool) -> None:
+        # A block that fails still writes its file (the numbering stays in step), labelled "failed/".
         _dump()
         gc.enable()
-        label, count = self.labels[-1]
-        if sys.exc_info()[0] is None:
-            self.labels[-1] = (label.removeprefix("failed/"), count)
+        if failed:
+            label, count = self.labels[-1]
+            self.labels[-1] = (f"failed/{label}", count)
 
 
 def _quiet_collector() -> None:
@@ -296,8 +300,8 @@ def count_instructions(calls: int = 100) -> dict[str, Any]:
         if run.returncode != 0:
             said = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith("==")]
             raise RuntimeError(f"the callgrind run failed ({run.returncode}): " + " | ".join(said[-3:]))
-        said = json.loads(run.stdout.strip().splitlines()[-1])
-        labels, parts_error = said["labels"], said["parts_error"]
+        report = json.loads(run.stdout.strip().splitlines()[-1])
+        labels, parts_error = report["labels"], report["parts_error"]
         per_label: dict[str, list[float]] = {}
         for index, (label, count) in enumerate(labels, start=1):
             per_label.setdefault(label, []).append(_summary(Path(f"{out}.{index}")) / count)
