@@ -197,6 +197,7 @@ class Fleet:
                 raise MachineControlError(f"machine {machine_id} is {machine.state}; only a started machine suspends")
             if machine.process is not None:
                 proc.signal_group(machine.process, signal.SIGSTOP)
+                await proc.wait_group_stopped(machine.process)  # "suspended" means frozen when we say it
             self._set_state(machine, "suspended")
         return machine
 

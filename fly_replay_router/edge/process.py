@@ -170,6 +170,40 @@ def signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> No
         os.killpg(process.pid, signum)
 
 
+def _group_states(pgid: int) -> list[str] | None:
+    """The kernel's one-letter state of every process in group ``pgid``, or ``None`` without ``/proc``."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    states = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if fields[2] == str(pgid).encode():
+            states.append(fields[0].decode())
+    return states
+
+
+async def wait_group_stopped(process: subprocess.Popen[bytes], within: float = 2.0) -> None:
+    """Return once every live process of the group shows the stopped state (``T``), or after ``within`` s.
+
+    ``SIGSTOP`` is delivered asynchronously: a process on another core may run on for a moment after
+    ``killpg`` returns. Without ``/proc`` (not Linux) this returns at once.
+    """
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        states = _group_states(process.pid)
+        if states is None or all(state in "TtZX" for state in states):  # a zombie never stops
+            return
+        await asyncio.sleep(0.005)
+
+
 def _own_group_and_die_with_parent() -> None:
     # Runs in the child between fork and exec: a new process group, and a signal when the edge
     # dies, even by SIGKILL. SIGKILL rather than SIGTERM: a suspended (SIGSTOPped) machine would
