@@ -447,3 +447,19 @@ async def test_headers_given_as_a_one_pass_iterable_all_reach_the_client(request
     assert received[b"content-encoding"] == b"none"  # the stream is marked as uncompressed
     if request_session != "none":
         assert CODEC.verify(received[b"mcp-session-id"].decode(), now=time.time()).owner_machine_id == HERE
+
+
+async def test_request_and_response_header_pairs_given_as_lists_are_read_as_pairs() -> None:
+    # ASGI gives header pairs as "two-item iterables": a server or test client may use lists. Before,
+    # a served request with list pairs was a 500 (the carrier was looked up as a tuple).
+    inner = InnerApp(
+        {"type": "http.response.start", "status": 200, "headers": [[b"mcp-session-id", INNER.encode()]]},
+        {"type": "http.response.body", "body": b"{}"},
+    )
+    layer = AffinityMiddleware(inner, settings=SETTINGS)
+    token = token_for(HERE, f"{layer.workers.tag}~{INNER}")
+    scope = http_scope(headers=[[b"host", b"x"], [b"mcp-session-id", token]])  # type: ignore[list-item]
+    sent, _ = await call(layer, scope)
+    assert sent[0]["status"] == 200
+    assert [list(pair) for pair in inner.scopes[0]["headers"]] == [[b"host", b"x"], [b"mcp-session-id", INNER.encode()]]
+    assert dict(sent[0]["headers"])[b"mcp-session-id"] == token  # the client's own token, echoed

@@ -189,7 +189,11 @@ class AffinityMiddleware:
             scope = dict(scope)
             if query_carrier is None:
                 scope["headers"] = rewritten = list(headers)
-                rewritten[rewritten.index((MCP_SESSION_ID, token))] = (MCP_SESSION_ID, served)  # type: ignore[arg-type]
+                try:
+                    at = rewritten.index((MCP_SESSION_ID, token))  # type: ignore[arg-type]
+                except ValueError:  # pairs given as lists: ASGI allows any two-item iterable
+                    at = next(index for index, (name, _) in enumerate(rewritten) if name == MCP_SESSION_ID)
+                rewritten[at] = (MCP_SESSION_ID, served)
                 carried: bytes = token  # type: ignore[assignment]
                 # A legacy message post names its session in the query; the session counts by its stream.
                 counted = self._live.started(served, now)
