@@ -87,6 +87,7 @@ def test_expired_token_is_rejected_even_for_this_machine() -> None:
             "bad_signature",
         ),
     ],
+    ids=["empty", "inner-id", "too-long", "other-key", "other-app"],  # tokens differ per run (nonce)
 )
 def test_tokens_that_prove_nothing_are_rejected_never_replayed(token: str, reason: str) -> None:
     decision = decide(token, machine_id=HERE, codec=CODEC, now=NOW)

@@ -164,6 +164,7 @@ async def test_after_fly_already_tried_the_answer_is_404_never_a_second_replay(
         ),
         (TokenCodec((KEY,), app_name="app-two").issue(HERE, INNER, now=time.time()).encode(), "bad_signature"),
     ],
+    ids=["not-a-token", "inner-id", "too-long", "not-ascii", "other-key", "other-app"],  # tokens differ per run
 )
 async def test_bad_tokens_get_the_sdks_404_and_one_info_line(
     token: bytes, reason: str, caplog: pytest.LogCaptureFixture
