@@ -7,9 +7,12 @@ An environment is rebuilt only when its requirements change; the wheel is reinst
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +56,26 @@ def build_wheel(out: Path) -> Path:
     return next(out.glob("fly_replay_router-*.whl"))
 
 
+@contextmanager
+def _alone(project: UserProject) -> Iterator[None]:
+    """Hold the project's lock: test processes running side by side (pytest-xdist) build or change one
+    environment at a time."""
+    ENVS.mkdir(exist_ok=True)
+    with open(ENVS / f"{project.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def prepared(project: UserProject) -> UserProject:
     """The project's environment, created (or rebuilt, if its requirements changed) with its own packages."""
     marker = project.path / "requirements.txt"
     spec = "\n".join(project.requirements) + "\n"
-    if not (marker.exists() and marker.read_text() == spec and project.python.exists()):
-        shutil.rmtree(project.path, ignore_errors=True)
-        run([sys.executable, "-m", "venv", str(project.path)])
-        run([str(project.python), "-m", "pip", "install", "-q", *project.requirements])
-        marker.write_text(spec)
+    with _alone(project):
+        if not (marker.exists() and marker.read_text() == spec and project.python.exists()):
+            shutil.rmtree(project.path, ignore_errors=True)
+            run([sys.executable, "-m", "venv", str(project.path)])
+            run([str(project.python), "-m", "pip", "install", "-q", *project.requirements])
+            marker.write_text(spec)
     return project
 
 
@@ -78,5 +92,6 @@ def installed_version(project: UserProject, distribution: str) -> str | None:
 
 def install_wheel(project: UserProject, wheel: Path, extras: str = "edge") -> None:
     """``pip install <wheel>[extras]`` into the project, replacing an earlier build of it."""
-    run([str(project.python), "-m", "pip", "uninstall", "-q", "-y", "fly-replay-router"])
-    run([str(project.python), "-m", "pip", "install", "-q", f"{wheel}[{extras}]"])
+    with _alone(project):
+        run([str(project.python), "-m", "pip", "uninstall", "-q", "-y", "fly-replay-router"])
+        run([str(project.python), "-m", "pip", "install", "-q", f"{wheel}[{extras}]"])
