@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 from typing import Any
 
 import pytest
 
 from fly_replay_router import AffinityMiddleware, AffinitySettings
-from fly_replay_router.affinity.capacity import Admission, Elsewhere, Full, LiveSessions, NewSessionLimiter, RateLimited
+from fly_replay_router.affinity.capacity import (
+    PLACE_STEP,
+    Admission,
+    Elsewhere,
+    Full,
+    Live,
+    LiveSessions,
+    NewSessionLimiter,
+    RateLimited,
+)
 from fly_replay_router.settings import sessions_for_memory
 
 HERE = "aaaaaaaaaaaaaa"
@@ -23,18 +33,57 @@ def test_live_sessions_drop_idle_ones_but_keep_those_with_a_request_in_flight() 
     live = LiveSessions(idle_timeout=10)
     for name in (b"a", b"b", b"c"):
         live.minted(name, "/mcp", 0.0)
-    assert live.started(b"b", 0.0)  # b holds an event stream
-    assert not live.started(b"x", 0.0)  # not minted here: never counted
+    stream = live.started(b"b")  # b holds an event stream
+    assert stream is not None
+    assert live.started(b"x") is None  # not minted here: never counted
     assert live.count(5.0) == 3
     assert live.count(11.0) == 1  # a and c idled out; b's stream is still open
-    live.finished(b"b", 30.0)
+    stream.finish(30.0)
     assert live.count(35.0) == 1
-    assert live.count(41.0) == 0
+    assert live.count(40.0 + PLACE_STEP + 0.01) == 0  # dropped at most PLACE_STEP after its timeout
     live.minted(b"d", "/mcp", 50.0)
     live.ended(b"d", "/other")  # another route's answer does not end it
     assert live.count(50.0) == 1
     live.ended(b"d", "/mcp")
     assert live.count(50.0) == 0
+
+
+def test_a_session_in_use_is_never_dropped_and_an_idle_one_always_is() -> None:
+    # Sessions used at random times, some holding a request across many counts: after every step, the
+    # count is exactly the sessions seen within the timeout or in flight, give or take those whose
+    # timeout passed less than PLACE_STEP ago.
+    timeout = 10.0
+    rng = random.Random(7)
+    live = LiveSessions(idle_timeout=timeout)
+    last: dict[bytes, float] = {}
+    held: dict[bytes, list[Live]] = {}
+    now = 0.0
+    for step in range(5000):
+        now += rng.choice((0.0, 0.01, 0.3, 1.7, 4.0))
+        name = b"s%d" % rng.randrange(40)
+        action = rng.random()
+        if action < 0.1 and name not in last:
+            live.minted(name, "/mcp", now)
+            last[name] = now
+        elif action < 0.6 and name in last and (session := live.get(name)) is not None:
+            session.start()
+            if rng.random() < 0.3:
+                held.setdefault(name, []).append(session)  # a stream, finished later
+            else:
+                session.finish(now)
+                last[name] = now
+        elif action < 0.8 and held.get(name):
+            held[name].pop().finish(now)
+            last[name] = now
+        count = live.count(now)
+        surely = {n for n, at in last.items() if at > now - timeout or held.get(n)}
+        maybe = {n for n, at in last.items() if at > now - timeout - PLACE_STEP}
+        assert len(surely) <= count <= len(surely | maybe), f"step {step}: {count} of {sorted(surely)}"
+        for name in list(last):
+            if live.get(name) is None:
+                assert name not in surely, f"step {step}: {name!r} dropped while in use"
+                del last[name]  # dropped: it never counts again
+                held.pop(name, None)
 
 
 def test_the_limiter_allows_a_burst_then_the_rate_per_client() -> None:

@@ -6,8 +6,9 @@ The budget counts what the inner server holds, learnt from its answers (``rewrit
   counts from an answer under 400 that minted it (a response ``Mcp-Session-Id`` the request did not
   carry) until the server ends it: a ``DELETE`` it answered 2xx, or its own 404 "Session not found",
   both on the path the session was minted on (its MCP endpoint), or ``idle_timeout`` seconds without
-  a request (the SDK's own idle reaping, given the same timeout). A request in flight (an open event
-  stream) keeps its session live however long it lasts. Nothing else changes the count: a 404 from
+  a request (the SDK's own idle reaping, given the same timeout; the count lets it go at most
+  ``PLACE_STEP`` later). A request in flight (an open event stream) keeps its session live however
+  long it lasts. Nothing else changes the count: a 404 from
   another route, or a request for a session this process did not mint, leaves it as it is.
 - Legacy HTTP+SSE sessions live exactly as long as the stream whose ``endpoint`` event named them,
   which the layer sees pass and end: ``legacy_streams``.
@@ -36,70 +37,101 @@ _MAX_ADDRESS_TEXT = 45
 UNATTRIBUTED = b"-"
 
 
-class LiveSessions:
-    """The sessions this process minted and still holds, for the cap (see the module docstring)."""
+# How far a session's place in the idle order may lag its last request (seconds): a request moves its
+# session to the end of the order only when this much has passed since it was last moved, so most
+# requests change two fields and no dictionary. An idle session is dropped at most this much late.
+PLACE_STEP = 1.0
 
-    __slots__ = ("_in_flight", "_last_seen", "_paths", "idle_timeout", "legacy_streams")
+
+class Live:
+    """One session this process holds: its requests in flight, when it was last seen, where it lives.
+
+    A request of the session calls ``start`` when it reaches the server and ``finish`` when the app
+    returns (``LiveSessions.get`` gives the session; a session dropped meanwhile is no longer counted,
+    and its record changes nothing).
+    """
+
+    __slots__ = ("_sessions", "in_flight", "inner", "last_seen", "path", "placed")
+
+    def __init__(self, sessions: OrderedDict[bytes, Live], inner: bytes, path: str, now: float) -> None:
+        self._sessions = sessions
+        self.inner = inner
+        self.path = path
+        self.in_flight = 0
+        self.last_seen = now
+        # When it took its place at the end of the order: places only grow from front to end.
+        self.placed = now
+
+    def start(self) -> None:
+        """A request of this session has reached the server."""
+        self.in_flight += 1
+
+    def finish(self, now: float) -> None:
+        """The request ``start`` counted has ended at ``now``."""
+        self.in_flight -= 1
+        self.last_seen = now
+        if now - self.placed > PLACE_STEP:
+            self._move_to_end(now)
+
+    def _move_to_end(self, now: float) -> None:
+        if self._sessions.get(self.inner) is self:
+            self._sessions.move_to_end(self.inner)
+        self.placed = now
+
+
+class LiveSessions:
+    """The sessions this process minted and still holds, for the cap (see the module docstring).
+
+    Sessions are kept in the order of their ``placed`` time, which lags their last request by at most
+    ``PLACE_STEP`` (``Live``): ``count`` looks at the front only, so it drops idle sessions in time
+    proportional to what it drops, at most ``PLACE_STEP`` seconds after their idle timeout.
+    """
+
+    __slots__ = ("_sessions", "idle_timeout", "legacy_streams")
 
     def __init__(self, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
-        self._last_seen: OrderedDict[bytes, float] = OrderedDict()
-        self._paths: dict[bytes, str] = {}
-        self._in_flight: dict[bytes, int] = {}
+        self._sessions: OrderedDict[bytes, Live] = OrderedDict()
         self.legacy_streams = 0
 
     def minted(self, inner: bytes, path: str, now: float) -> None:
         """The inner server minted session ``inner`` at ``path`` (its MCP endpoint), answering under 400."""
-        self._last_seen[inner] = now
-        self._last_seen.move_to_end(inner)
-        self._paths[inner] = path
+        self._sessions.pop(inner, None)
+        self._sessions[inner] = Live(self._sessions, inner, path, now)
 
-    def started(self, inner: bytes, now: float) -> bool:
-        """A request of ``inner`` arrived at ``now``; True if the session counts (then call ``finished``).
+    def get(self, inner: bytes) -> Live | None:
+        """The session ``inner`` if it counts here (minted by this process, not ended or idled out)."""
+        return self._sessions.get(inner)
 
-        Only the request count changes: a session with a request in flight is live whatever its last
-        end says (``count``), and ``finished`` moves that on.
-        """
-        if inner not in self._last_seen:
-            return False
-        in_flight = self._in_flight
-        in_flight[inner] = in_flight.get(inner, 0) + 1
-        return True
-
-    def finished(self, inner: bytes, now: float) -> None:
-        """The request ``started`` for ``inner`` has ended; its session counts as active until now."""
-        in_flight = self._in_flight
-        left = in_flight.pop(inner, 1) - 1
-        if left > 0:
-            in_flight[inner] = left
-        last_seen = self._last_seen
-        if inner in last_seen:
-            last_seen[inner] = now
-            last_seen.move_to_end(inner)
+    def started(self, inner: bytes) -> Live | None:
+        """A request of ``inner`` has reached the server: its session, which the request keeps live until
+        ``Live.finish``, or None if it does not count here."""
+        session = self._sessions.get(inner)
+        if session is not None:
+            session.start()
+        return session
 
     def ended(self, inner: bytes, path: str) -> None:
         """The server ended ``inner`` on ``path``: counted no more if that is where it was minted."""
-        if self._paths.get(inner) == path:
-            del self._paths[inner]
-            self._last_seen.pop(inner, None)
+        session = self._sessions.get(inner)
+        if session is not None and session.path == path:
+            del self._sessions[inner]
 
     def count(self, now: float) -> int:
         """Live handshake-era sessions at ``now``: idle ones are dropped first (oldest first, O(dropped))."""
         horizon = now - self.idle_timeout
-        last_seen = self._last_seen
-        while last_seen:
-            inner, at = next(iter(last_seen.items()))
-            if at > horizon:
-                break
-            if inner in self._in_flight:  # a held stream: still live, look again an idle timeout later
-                last_seen.move_to_end(inner)
-                last_seen[inner] = now
-                if len(self._in_flight) >= len(last_seen):
-                    break
+        sessions = self._sessions
+        while sessions:
+            session = next(iter(sessions.values()))
+            if session.placed + PLACE_STEP > horizon:
+                break  # every later session was placed later, and seen no earlier than placed
+            if session.in_flight > 0 or session.last_seen > horizon:
+                # A held stream, or seen since it took its place: live, and looked at again later.
+                sessions.move_to_end(session.inner)
+                session.placed = now
                 continue
-            del last_seen[inner]
-            self._paths.pop(inner, None)
-        return len(last_seen)
+            del sessions[session.inner]
+        return len(sessions)
 
 
 class NewSessionLimiter:

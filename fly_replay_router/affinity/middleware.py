@@ -31,7 +31,7 @@ from fly_replay_router.affinity.arrival import (
     arrived_via,
     replay_state,
 )
-from fly_replay_router.affinity.capacity import Admission, Elsewhere, LiveSessions, Refusal, client_key, full_hops
+from fly_replay_router.affinity.capacity import Admission, Elsewhere, Live, LiveSessions, Refusal, client_key, full_hops
 from fly_replay_router.affinity.carriers import AmbiguousCarrier, QueryCarrier, find_query_carrier
 from fly_replay_router.affinity.decision import Forward, Reject, Replay, Serve, decide
 from fly_replay_router.affinity.forward import OwnerForwarder, body_replayable
@@ -99,9 +99,9 @@ class AffinityMiddleware:
         self.lazy_channel = self.workers.lazy
         self._served_by_values: dict[tuple[str, str], bytes] = {}
         # Tokens verified for this worker: token -> (inner id, expiry on the monotonic clock, worker
-        # tag, affinity-served-by for a direct request). Bounded as the codec's own memory of verified
-        # tokens.
-        self._served_here: dict[bytes, tuple[bytes, float, str, bytes]] = {}
+        # tag, affinity-served-by for a direct request, its session in the budget or None). Bounded as
+        # the codec's own memory of verified tokens.
+        self._served_here: dict[bytes, tuple[bytes, float, str, bytes, Live | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -142,7 +142,7 @@ class AffinityMiddleware:
                 carriers += query_carrier is not None
 
         served: bytes | None = None  # the inner id of a session served here
-        counted = False  # ... whose request counts in the budget (``LiveSessions.started``)
+        counted: Live | None = None  # ... and its session in the budget, which this request keeps live
         if not carriers:
             method = scope["method"]
             admitted = False
@@ -180,11 +180,14 @@ class AffinityMiddleware:
             if here is not None and here[1] > now and here[2] is self.workers.tag:
                 served = here[0]
                 served_by = here[3] if not routing else self._served_by(headers, routing)
+                counted = here[4]
             else:
                 served = await self._decide(scope, receive, send, token, query_carrier, length, chunked, routing, now)
                 if served is None:
                     return
                 served_by = self._served_by(headers, routing)
+                # A legacy message post names its session in the query; the session counts by its stream.
+                counted = self._live.get(served) if query_carrier is None else None
             self._counts.served += 1
             scope = dict(scope)
             if query_carrier is None:
@@ -195,8 +198,8 @@ class AffinityMiddleware:
                     at = next(index for index, (name, _) in enumerate(rewritten) if name == MCP_SESSION_ID)
                 rewritten[at] = (MCP_SESSION_ID, served)
                 carried: bytes = token  # type: ignore[assignment]
-                # A legacy message post names its session in the query; the session counts by its stream.
-                counted = self._live.started(served, now)
+                if counted is not None:
+                    counted.start()
             else:
                 scope["query_string"] = query_carrier.replaced(scope["query_string"], served)
                 carried = query_carrier.value.encode("ascii")  # a token that verified is ASCII
@@ -207,8 +210,8 @@ class AffinityMiddleware:
             if not self._absorbed(scope, watcher, exc):
                 raise
         finally:
-            if counted:
-                self._live.finished(served, time.monotonic())  # type: ignore[arg-type]
+            if counted is not None:
+                counted.finish(time.monotonic())
             if watcher.settle:
                 await self._settle(scope, watcher)
 
@@ -276,7 +279,7 @@ class AffinityMiddleware:
             served_here = self._served_here
             if len(served_here) >= VERIFIED_TOKENS_KEPT:
                 del served_here[next(iter(served_here))]  # the oldest entry
-            served_here[token] = (inner, expires, tag, self._served_by([], False))  # type: ignore[index]
+            served_here[token] = (inner, expires, tag, self._served_by([], False), self._live.get(inner))  # type: ignore[index]
         return inner
 
     def _absorbed(self, scope: Scope, watcher: Watcher, exc: Exception) -> bool:
