@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from fly_replay_router.affinity.token import InvalidToken, TokenCodec
-from tests.compat.envs import prepared
-from tests.compat.test_compat import MCP1
+from tests.compat.envs import MCP1, prepared
 from tests.conftest import APP_NAME, ROOT, SECRET, Machine, free_port, machine_command, start_machine
 from tests.mcp_http import INITIALIZE, JSON_AND_SSE, open_session, session_headers
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import subprocess
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.compat.envs import build_wheel, install_wheel, prepared, run
-from tests.compat.test_compat import MCP2, clean_env
+from tests.compat.envs import MCP2, build_wheel, clean_env, exclusive, install_wheel, prepared, run
 from tests.conftest import free_port
 from tests.mcp_http import INITIALIZE, JSON_AND_SSE, session_headers, tool_call, tool_text
 
@@ -67,14 +67,16 @@ TUTORIAL = {
 
 
 @pytest.fixture(scope="module")
-def tutorial_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tutorial_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     project = prepared(MCP2)
-    install_wheel(project, build_wheel(tmp_path_factory.mktemp("wheel")), extras="metrics")
-    folder = tmp_path_factory.mktemp("bigger-applications")
-    for name, text in TUTORIAL.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(textwrap.dedent(text).lstrip())
-    return folder
+    wheel = build_wheel(tmp_path_factory.mktemp("wheel"))
+    with exclusive(project):  # the compatibility matrix installs the edge extra into the same project
+        install_wheel(project, wheel, extras="metrics")
+        folder = tmp_path_factory.mktemp("bigger-applications")
+        for name, text in TUTORIAL.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(textwrap.dedent(text).lstrip())
+        yield folder
 
 
 def test_the_wheel_installs_no_app_package(tutorial_project: Path) -> None:

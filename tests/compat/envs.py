@@ -8,6 +8,7 @@ An environment is rebuilt only when its requirements change; the wheel is reinst
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,18 @@ class UserProject:
         return self.path / "bin" / name
 
 
+MCP1 = UserProject("mcp1", ("mcp>=1.30,<2", "fastapi", "uvicorn"), sdk="mcp")
+MCP2 = UserProject("mcp2", ("mcp>=2.3,<3", "fastapi", "uvicorn"), sdk="mcp")
+FASTMCP = UserProject("fastmcp", ("fastmcp", "fastapi", "uvicorn"), sdk="fastmcp")
+
+
+def clean_env() -> dict[str, str]:
+    """The environment a user's shell would have: none of this test run's Python settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["AFFINITY_SECRET"] = "compat-matrix-secret-0123456789"
+    return env
+
+
 def run(command: list[str], **kwargs: object) -> str:
     """Run ``command``; on failure raise with everything it printed."""
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
@@ -57,9 +70,10 @@ def build_wheel(out: Path) -> Path:
 
 
 @contextmanager
-def _alone(project: UserProject) -> Iterator[None]:
-    """Hold the project's lock: test processes running side by side (pytest-xdist) build or change one
-    environment at a time."""
+def exclusive(project: UserProject) -> Iterator[None]:
+    """Hold the project's lock: test processes running side by side (pytest-xdist) build, change or run
+    from one environment at a time. Hold it from ``install_wheel`` to the last use of what it
+    installed (another test may install a build with other extras). Not reentrant."""
     ENVS.mkdir(exist_ok=True)
     with open(ENVS / f"{project.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -70,7 +84,7 @@ def prepared(project: UserProject) -> UserProject:
     """The project's environment, created (or rebuilt, if its requirements changed) with its own packages."""
     marker = project.path / "requirements.txt"
     spec = "\n".join(project.requirements) + "\n"
-    with _alone(project):
+    with exclusive(project):
         if not (marker.exists() and marker.read_text() == spec and project.python.exists()):
             shutil.rmtree(project.path, ignore_errors=True)
             run([sys.executable, "-m", "venv", str(project.path)])
@@ -91,7 +105,7 @@ def installed_version(project: UserProject, distribution: str) -> str | None:
 
 
 def install_wheel(project: UserProject, wheel: Path, extras: str = "edge") -> None:
-    """``pip install <wheel>[extras]`` into the project, replacing an earlier build of it."""
-    with _alone(project):
-        run([str(project.python), "-m", "pip", "uninstall", "-q", "-y", "fly-replay-router"])
-        run([str(project.python), "-m", "pip", "install", "-q", f"{wheel}[{extras}]"])
+    """``pip install <wheel>[extras]`` into the project, replacing an earlier build of it (hold
+    ``exclusive`` around it and what uses it)."""
+    run([str(project.python), "-m", "pip", "uninstall", "-q", "-y", "fly-replay-router"])
+    run([str(project.python), "-m", "pip", "install", "-q", f"{wheel}[{extras}]"])

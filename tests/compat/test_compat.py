@@ -10,7 +10,6 @@ response header added around it), and it is the machine the session's token name
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,14 +23,23 @@ from pathlib import Path
 import pytest
 
 from fly_replay_router.protocol import owner_of
-from tests.compat.envs import ROOT, UserProject, build_wheel, install_wheel, installed_version, prepared, run
+from tests.compat.envs import (
+    FASTMCP,
+    MCP1,
+    MCP2,
+    ROOT,
+    UserProject,
+    build_wheel,
+    clean_env,
+    exclusive,
+    install_wheel,
+    installed_version,
+    prepared,
+    run,
+)
 
 HERE = Path(__file__).resolve().parent
 SESSIONS, CALLS = 10, 5
-
-MCP1 = UserProject("mcp1", ("mcp>=1.30,<2", "fastapi", "uvicorn"), sdk="mcp")
-MCP2 = UserProject("mcp2", ("mcp>=2.3,<3", "fastapi", "uvicorn"), sdk="mcp")
-FASTMCP = UserProject("fastmcp", ("fastmcp", "fastapi", "uvicorn"), sdk="fastmcp")
 
 
 @dataclass(frozen=True)
@@ -87,13 +95,6 @@ async def api(scope, receive, send):
 """
 
 
-def clean_env() -> dict[str, str]:
-    """The environment a user's shell would have: none of this test run's Python settings."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["AFFINITY_SECRET"] = "compat-matrix-secret-0123456789"
-    return env
-
-
 @contextmanager
 def fleet(project: UserProject, app: str, app_dir: Path, mcp_path: str, log: Path) -> Iterator[str]:
     """``fly-replay-edge`` from the project's environment, two machines of ``app``; yields the edge URL."""
@@ -126,22 +127,25 @@ def edge_status(url: str) -> dict:  # type: ignore[type-arg]
 def test_sessions_stick_with_the_users_own_sdk(name: str, wheel: Path, tmp_path: Path) -> None:
     entry = ENTRIES[name]
     project = prepared(entry.project)
-    sdk_before = installed_version(project, project.sdk)
-    assert sdk_before is not None
-    install_wheel(project, wheel)
-    assert installed_version(project, project.sdk) == sdk_before, "installing the wheel changed the user's SDK"
+    with exclusive(project):  # another test may install a build with other extras into it
+        sdk_before = installed_version(project, project.sdk)
+        assert sdk_before is not None
+        install_wheel(project, wheel)
+        assert installed_version(project, project.sdk) == sdk_before, "installing the wheel changed the user's SDK"
 
-    app_dir = HERE / "apps"
-    if entry.app.startswith("readme_served_by:"):
-        app_dir = tmp_path / "project"
-        app_dir.mkdir()
-        (app_dir / "my_server.py").write_text(readme_example())
-        (app_dir / "readme_served_by.py").write_text(README_SERVED_BY)
-    with fleet(project, entry.app, app_dir, entry.mcp_path, tmp_path / "edge.log") as edge:
-        client = [arg.replace("{url}", edge + entry.mcp_path) for arg in entry.client]
-        output = run([str(project.python), *client, str(SESSIONS), str(CALLS)], cwd=HERE / "clients", env=clean_env())
-        replays = edge_status(edge)["replays"]
-        machines = {machine["id"] for machine in edge_status(edge)["machines"]}
+        app_dir = HERE / "apps"
+        if entry.app.startswith("readme_served_by:"):
+            app_dir = tmp_path / "project"
+            app_dir.mkdir()
+            (app_dir / "my_server.py").write_text(readme_example())
+            (app_dir / "readme_served_by.py").write_text(README_SERVED_BY)
+        with fleet(project, entry.app, app_dir, entry.mcp_path, tmp_path / "edge.log") as edge:
+            client = [arg.replace("{url}", edge + entry.mcp_path) for arg in entry.client]
+            output = run(
+                [str(project.python), *client, str(SESSIONS), str(CALLS)], cwd=HERE / "clients", env=clean_env()
+            )
+            replays = edge_status(edge)["replays"]
+            machines = {machine["id"] for machine in edge_status(edge)["machines"]}
     report = json.loads(output.strip().splitlines()[-1])
 
     assert report["sdk_version"] == sdk_before
