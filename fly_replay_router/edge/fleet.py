@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fly_replay_router.edge import process as proc
 from fly_replay_router.edge.command import MachineCommand
@@ -104,14 +105,23 @@ class Fleet:
     def plan(self, count: int) -> list[Machine]:
         """Allocate ids and ports for ``count`` managed machines (not started yet)."""
         planned = []
+        # A port the kernel calls free now may be the one it gave a moment ago: every port once.
+        taken = {urlsplit(url).port for m in self.machines.values() for url in (m.url, m.metrics_url) if url}
+
+        def port() -> int:
+            while (found := proc.free_port()) in taken:
+                pass
+            taken.add(found)
+            return found
+
         for _ in range(count):
             machine_id = new_machine_id()
             while machine_id in self.machines:
                 machine_id = new_machine_id()
-            url = f"http://127.0.0.1:{proc.free_port()}"
+            url = f"http://127.0.0.1:{port()}"
             machine = Machine(id=machine_id, url=url, managed=True, workers=self.spec.workers)
             if self.spec.command.serves_metrics:
-                machine.metrics_url = f"http://127.0.0.1:{proc.free_port()}"
+                machine.metrics_url = f"http://127.0.0.1:{port()}"
             self.machines[machine_id] = machine
             planned.append(machine)
         return planned
