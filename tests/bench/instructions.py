@@ -356,7 +356,7 @@ def parts(per_call: dict[str, float]) -> dict[str, int]:
     measured = {
         "decide, for a token's first request on this worker": per_call["part/decide"],
         "  of which TokenCodec.verify": per_call["part/token_verify"],
-        "session budget: started + finished": per_call["part/budget_started_finished"],
+        "session budget: Live.start + Live.finish": per_call["part/budget_started_finished"],
         "Watcher: made, and the SDK's 3 messages through it, over plain sends": per_call["part/watcher"]
         - per_call["part/plain_send"],
         "scope copy with the inner id": per_call["part/scope_copy"],
