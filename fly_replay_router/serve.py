@@ -147,9 +147,9 @@ def cpu_count() -> int:
 def worker_app() -> ASGIApp:
     """The app of one worker process (a uvicorn app factory): what the supervisor passed it."""
     _die_with_supervisor()
-    app_ref, app_dir, metrics_port, workers_dir = os.environ[_WORKER_OPTIONS].split("\n")
+    app_ref, app_dir, metrics_port, workers_dir, log_level = os.environ[_WORKER_OPTIONS].split("\n")
     sys.path.insert(0, app_dir)
-    show_layer_logs()
+    show_layer_logs(log_level)
     app: ASGIApp = import_from_string(app_ref)
     return _with_private_metrics(app, int(metrics_port), workers_dir) if metrics_port else app
 
@@ -204,14 +204,14 @@ def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]
                 # New and empty for this run: a counter starts from 0 only when the machine does.
                 workers_dir = tempfile.mkdtemp(prefix="fly-replay-router-metrics-")
             os.environ[_WORKER_OPTIONS] = "\n".join(
-                [options.app, options.app_dir, str(options.metrics_port or ""), workers_dir]
+                [options.app, options.app_dir, str(options.metrics_port or ""), workers_dir, options.log_level]
             )
             # The workers share the VM's memory: each sizes its session budget to its share.
             os.environ["AFFINITY_WORKERS"] = str(options.workers)
             app = "fly_replay_router.serve:worker_app"
         else:
             sys.path.insert(0, options.app_dir)
-            show_layer_logs()
+            show_layer_logs(options.log_level)
             imported: ASGIApp = import_from_string(options.app)
             if options.metrics_port is not None:
                 imported = _with_private_metrics(imported, options.metrics_port)
@@ -236,8 +236,9 @@ def build_server(options: ServeOptions) -> tuple[FlyServer, list[socket.socket]]
     return server, sockets
 
 
-def show_layer_logs() -> None:
-    """Write the layer's decision lines (logger ``fly_replay_router``, info) to stderr beside uvicorn's.
+def show_layer_logs(level: str = "info") -> None:
+    """Write the layer's decision lines (logger ``fly_replay_router``) to stderr beside uvicorn's, at
+    uvicorn's ``--log-level`` (``trace`` is ``debug`` here; ``debug`` adds a line per hand-over).
 
     A library configures no logging, and an app that configures none would lose them: the launcher
     is the entry point, so it does (unless the logger already has a handler of the app's).
@@ -248,7 +249,7 @@ def show_layer_logs() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
     layer.addHandler(handler)
-    layer.setLevel(logging.INFO)
+    layer.setLevel(logging.DEBUG if level.lower() == "trace" else level.upper())
     layer.propagate = False  # once, whatever the app does with the root logger
 
 
@@ -321,7 +322,13 @@ def parse_options(argv: Sequence[str] | None = None) -> ServeOptions:
         help="seconds open requests get after SIGTERM; keep it below fly.toml's kill_timeout "
         f"(default {defaults.timeout_graceful_shutdown})",
     )
-    parser.add_argument("--log-level", default=defaults.log_level, help="uvicorn's log level (default info)")
+    parser.add_argument(
+        "--log-level",
+        default=defaults.log_level,
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level, and the layer's: info writes a line per request not served here as it came "
+        "(replayed, forwarded, refused), debug one per hand-over to a sibling worker too (default info)",
+    )
     parser.add_argument("--no-access-log", action="store_true", help="no log line per request")
     parser.add_argument(
         "--workers",

@@ -86,3 +86,34 @@ async def client_recording_tokens(url: str) -> AsyncIterator[tuple[Client, list[
         Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
     ):
         yield client, tokens
+
+
+class ServedBy:
+    """The ``affinity-served-by`` header of every answer an ``httpx2`` client receives (use it as the
+    client's response event hook): who served each request, and how it arrived."""
+
+    def __init__(self) -> None:
+        self.values: list[tuple[str, str]] = []  # (request path, header value)
+
+    async def __call__(self, response: httpx2.Response) -> None:
+        value = response.headers.get("affinity-served-by")
+        if value is not None:
+            self.values.append((response.request.url.path, value))
+
+    def handed_over(self, path: str = "/") -> int:
+        """Answers to requests under ``path`` that a sibling worker handed over to their owner."""
+        return sum(
+            1
+            for at, value in self.values
+            if at.startswith(path) and "handover" in value.rpartition("via=")[2].split("+")
+        )
+
+
+@asynccontextmanager
+async def client_recording_served_by(url: str, served_by: ServedBy) -> AsyncIterator[Client]:
+    """The official client in legacy mode, its answers' ``affinity-served-by`` going to ``served_by``."""
+    async with (
+        httpx2.AsyncClient(event_hooks={"response": [served_by]}, timeout=httpx2.Timeout(30, read=300)) as http,
+        Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
+    ):
+        yield client

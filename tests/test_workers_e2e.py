@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from mcp.client.sse import sse_client
 
 from fly_replay_router.protocol import SESSION_NOT_FOUND_BODY
 from tests.conftest import APP_NAME, ROOT, SECRET, free_port
-from tests.mcp_http import open_session, session_headers, tool_call, tool_text
+from tests.mcp_http import (
+    ServedBy,
+    client_recording_served_by,
+    open_session,
+    session_headers,
+    tool_call,
+    tool_text,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -133,7 +141,7 @@ def _text(result: Any) -> str:
     return str(result.content[0].text)
 
 
-async def _sessions_stick(connect: Callable[[], Client], count: int) -> dict[int, int]:
+async def _sessions_stick(connect: Callable[[], AbstractAsyncContextManager[Client]], count: int) -> dict[int, int]:
     """``count`` sessions at once, ``CALLS`` calls each; every one answered by one process without gaps.
 
     Returns how many sessions each worker process owned.
@@ -159,40 +167,38 @@ async def _sessions_stick(connect: Callable[[], Client], count: int) -> dict[int
 
 
 async def test_concurrent_sessions_stick_to_their_worker(machine: MultiWorkerMachine) -> None:
-    owners = await _sessions_stick(lambda: Client(f"{machine.url}/mcp", mode="legacy"), SESSIONS)
+    served_by = ServedBy()
+    owners = await _sessions_stick(lambda: client_recording_served_by(f"{machine.url}/mcp", served_by), SESSIONS)
     assert sum(owners.values()) == SESSIONS
     # Connections landed on the worker that did not own their session, and were handed over.
-    assert "outcome=handed_over" in machine.log()
+    assert served_by.handed_over("/mcp") > 0, served_by.values[:10]
     assert "Session not found" not in machine.log()
 
 
-def _handed_over_messages(log: str) -> int:
-    """How many legacy-SSE message POSTs the machine's log shows handed over to a sibling worker."""
-    return sum(1 for line in log.splitlines() if "outcome=handed_over" in line and "path=/messages" in line)
-
-
-def _new_connection_per_request(
-    headers: dict[str, str] | None = None, timeout: httpx2.Timeout | None = None, auth: httpx2.Auth | None = None
-) -> httpx2.AsyncClient:
-    """The SDK's client, but no connection is reused: every message POST reaches whichever worker accepts it."""
-    return httpx2.AsyncClient(
-        headers=headers,
-        timeout=timeout or httpx2.Timeout(30, read=300),
-        auth=auth,
-        limits=httpx2.Limits(max_keepalive_connections=0),
-    )
-
-
 async def test_legacy_sse_sessions_stick_to_their_worker(machine: MultiWorkerMachine) -> None:
-    before = _handed_over_messages(machine.log())
+    served_by = ServedBy()
+
+    def new_connection_per_request(
+        headers: dict[str, str] | None = None, timeout: httpx2.Timeout | None = None, auth: httpx2.Auth | None = None
+    ) -> httpx2.AsyncClient:
+        """The SDK's client, but no connection is reused: every message POST reaches whichever worker
+        accepts it; and the answers' affinity-served-by recorded."""
+        return httpx2.AsyncClient(
+            headers=headers,
+            timeout=timeout or httpx2.Timeout(30, read=300),
+            auth=auth,
+            limits=httpx2.Limits(max_keepalive_connections=0),
+            event_hooks={"response": [served_by]},
+        )
+
     await _sessions_stick(
         lambda: Client(
-            sse_client(f"{machine.url}/sse", httpx_client_factory=_new_connection_per_request), mode="legacy"
+            sse_client(f"{machine.url}/sse", httpx_client_factory=new_connection_per_request), mode="legacy"
         ),
         6,
     )
     # Of about 120 message POSTs, each on a new connection, some reached the worker without the stream.
-    assert _handed_over_messages(machine.log()) > before, "no message POST reached the other worker"
+    assert served_by.handed_over("/messages") > 0, "no message POST reached the other worker"
 
 
 async def _count(url: str, token: str) -> httpx.Response:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from mcp.client.sse import sse_client
 
 from fly_replay_router.protocol import SESSION_NOT_FOUND_BODY
 from tests.edge.edge_cli import ROOT, FleetProcess, running_fleet, wait_gone
-from tests.mcp_http import client_recording_tokens, session_headers, tool_call
+from tests.mcp_http import ServedBy, client_recording_served_by, client_recording_tokens, session_headers, tool_call
 
 pytestmark = pytest.mark.anyio
 
@@ -98,7 +98,9 @@ def _machine_logs(fleet: WorkerFleet) -> str:
     return "".join(Path(machine["log"]).read_text(errors="replace") for machine in fleet.status()["machines"])
 
 
-async def _sessions_stick(fleet: WorkerFleet, connect: Callable[[], Client], count: int) -> dict[tuple[str, int], int]:
+async def _sessions_stick(
+    fleet: WorkerFleet, connect: Callable[[], AbstractAsyncContextManager[Client]], count: int
+) -> dict[tuple[str, int], int]:
     """``count`` sessions at once, ``CALLS`` counts each, every call answered by one worker of one machine.
 
     Returns how many sessions each (machine, worker pid) owned.
@@ -126,16 +128,16 @@ async def _sessions_stick(fleet: WorkerFleet, connect: Callable[[], Client], cou
 
 
 async def test_every_session_sticks_to_its_machine_and_its_worker(fleet: WorkerFleet) -> None:
-    owners = await _sessions_stick(fleet, lambda: Client(f"{fleet.url}/mcp", mode="legacy"), SESSIONS)
+    served_by = ServedBy()
+    owners = await _sessions_stick(fleet, lambda: client_recording_served_by(f"{fleet.url}/mcp", served_by), SESSIONS)
     assert sum(owners.values()) == SESSIONS
     workers = fleet.workers()
     for machine, pid in owners:
         assert pid in workers[machine]  # the worker that answered is one of the machine's, as the status shows
     status = fleet.status()
     assert status["replays"] > 0  # sessions landed on the wrong machine and were replayed to their owner
-    logs = _machine_logs(fleet)
-    assert "outcome=handed_over" in logs  # ... and on the wrong worker, and were handed over
-    assert "Session not found" not in logs
+    assert served_by.handed_over("/mcp") > 0  # ... and on the wrong worker, and were handed over
+    assert "Session not found" not in _machine_logs(fleet)
 
 
 async def test_legacy_sse_sessions_stick_to_their_worker(fleet: WorkerFleet) -> None:

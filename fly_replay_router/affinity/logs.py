@@ -6,7 +6,10 @@ structured handlers). Values a client chooses (the path, the method, ``Fly-Reque
 bare only when they are visible ASCII without quotes or backslashes; anything else is written as a
 JSON string (``path="/a\\nb"``), so no request can start a line of its own or add a field.
 
-Replays and forwards are ordinary traffic: one line each. Rejections are what a flood is made of:
+Replays and forwards are ordinary traffic: one line each. A hand-over to the worker that owns the
+session is how a machine with N workers serves (N - 1) / N of its requests: its line is written at
+``DEBUG`` only (it cost a hand-over about a fifth of its own instructions at ``INFO``), and the
+metrics count every one. Rejections are what a flood is made of:
 the first ``burst`` of each ``window`` seconds are written in full, the rest only counted, and one
 summary line (``outcome=rejected suppressed=<n> reasons=<reason>:<n>,...``) follows when the window
 ends. The counts per reason are also in the metrics (``affinity_decisions_total``).
@@ -65,9 +68,11 @@ class DecisionLog:
         self._suppressed: dict[str, int] = {}
         self._summary_scheduled = False
 
-    def decision(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
+    def decision(
+        self, scope: Scope, outcome: str, reason: str, owner: str | None, *, level: int = logging.INFO
+    ) -> None:
         """One line for a request the layer did not simply serve here (rate-limited if rejected)."""
-        if not logger.isEnabledFor(logging.INFO):
+        if not logger.isEnabledFor(level):
             return
         if outcome == "rejected" and not self._admit(reason):
             return
@@ -81,7 +86,7 @@ class DecisionLog:
             "method": scope["method"],
             "path": scope["path"],
         }
-        logger.info("affinity %s", format_fields(fields), extra=fields)
+        logger.log(level, "affinity %s", format_fields(fields), extra=fields)
 
     def _admit(self, reason: str) -> bool:
         now = self._clock()
