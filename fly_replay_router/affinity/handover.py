@@ -138,7 +138,11 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
     (the connection can carry another), ``ANSWERED`` if the answer started and was cut short,
     ``GONE`` if the owner closed before answering."""
     frames, writer = connection.frames, connection.writer
-    pump = asyncio.ensure_future(_send_request(receive, writer, body_done=body_done))
+    # A streamed body goes on as it comes. A request whose body went with its scope only has the
+    # client's leaving left to tell, which matters once the answer streams: that watch starts the
+    # first time this side waits for more of an answer (a tools/call answer arrives whole, in one
+    # read, and needs none).
+    pump = None if body_done else asyncio.ensure_future(_send_request(receive, writer, body_done=False))
     try:
         try:
             kind, payload = await frames.next()
@@ -150,6 +154,8 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
             return Outcome.GONE
         await send(start)
         while True:
+            if pump is None and not frames.buffered:
+                pump = asyncio.ensure_future(_send_request(receive, writer, body_done=True))
             try:
                 kind, payload = await frames.next()
             except FRAME_ERRORS as exc:
@@ -165,7 +171,8 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
     finally:
         # Not awaited: once cancelled it writes nothing more (it is not running now, and its next
         # step raises), so the connection may carry the next request at once.
-        pump.cancel()
+        if pump is not None:
+            pump.cancel()
 
 
 def _streamed_body(scope: Scope) -> bool:

@@ -150,9 +150,16 @@ async def _app_blocks(blocks: Blocks, calls: int) -> None:
 async def _handover_blocks(blocks: Blocks, calls: int, main: Any) -> None:
     """A handshake-era ``tools/call`` served by the worker that owns its session, and the same call
     reaching a sibling worker that hands it over (one process, two layers, a real Unix socket)."""
+    from fly_replay_router.affinity import handover
     from fly_replay_router.affinity.middleware import AffinityMiddleware
     from tests.bench import mcp_load
 
+    # The owner holds an answer's frames up to COALESCE_SECONDS to send them in one write. Natively a
+    # tools/call answer fits in that hold (one read on the sibling; tests/bench/handover_reads.py
+    # counts it); callgrind runs the code about 50 times slower, and the hold would run out before
+    # the answer's end: three reads and wake-ups that do not happen outside it. So the hold is
+    # stretched as much here.
+    handover.COALESCE_SECONDS, coalesce = handover.COALESCE_SECONDS * 50, handover.COALESCE_SECONDS
     # main.layer is the owner: the demo's lifespan opened its hand-over socket.
     sibling = AffinityMiddleware(main.mcp_app, settings=main.settings)
     owner_client, sibling_client = mcp_load.AsgiClient(main.layer), mcp_load.AsgiClient(sibling)
@@ -168,6 +175,7 @@ async def _handover_blocks(blocks: Blocks, calls: int, main: Any) -> None:
             for name, call in (("served", served), ("handed", handed), ("handed", handed), ("served", served)):
                 await blocks.calls(f"handover/{name}", calls, call)
     finally:
+        handover.COALESCE_SECONDS = coalesce
         await sibling.workers.stop()
 
 
