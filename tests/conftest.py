@@ -79,16 +79,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
-class Machine:
-    """One process of an ASGI app, as a Fly Machine would run it."""
+class ServerProcess:
+    """What a test's server holds: its ``process`` and ``log_path`` (fields of the dataclass that
+    subclasses this); its log, and a stop that waits ``stop_seconds`` before it kills."""
 
-    machine_id: str
-    url: str  # IPv4 loopback: the path Fly's proxy (and the local edge) uses
-    peer_url: str  # IPv6 loopback: the path other machines use, as on Fly's private network (6PN)
-    metrics_url: str | None  # the private metrics port, when the command serves one
     process: subprocess.Popen[bytes]
     log_path: Path
+    stop_seconds = 10.0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -97,10 +94,22 @@ class Machine:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=self.stop_seconds)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@dataclass
+class Machine(ServerProcess):
+    """One process of an ASGI app, as a Fly Machine would run it."""
+
+    machine_id: str
+    url: str  # IPv4 loopback: the path Fly's proxy (and the local edge) uses
+    peer_url: str  # IPv6 loopback: the path other machines use, as on Fly's private network (6PN)
+    metrics_url: str | None  # the private metrics port, when the command serves one
+    process: subprocess.Popen[bytes]
+    log_path: Path
 
 
 def machine_command(app: str, port: int, metrics_port: int | None, workers: int = 1) -> list[str]:

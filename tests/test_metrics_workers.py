@@ -26,7 +26,7 @@ import pytest
 
 from fly_replay_router.affinity.worker_metrics import supervisor_directory
 from fly_replay_router.settings import sessions_for_memory
-from tests.conftest import APP_NAME, ROOT, SECRET, free_port
+from tests.conftest import APP_NAME, ROOT, SECRET, ServerProcess, free_port
 from tests.mcp_http import open_session, session_headers, tool_call, tool_text
 from tests.test_workers_e2e import _sessionless_worker
 
@@ -46,13 +46,14 @@ _SAMPLE = re.compile(r"^(?P<series>[a-z_]+(?:\{[^}]*\})?) (?P<value>\S+)$")
 
 
 @dataclass
-class TwoWorkerMachine:
+class TwoWorkerMachine(ServerProcess):
     url: str
     metrics_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
     workers: set[int] = field(default_factory=set)
     sessionless_sent: int = 0  # answered sessionless requests: each is one "passed" decision
+    stop_seconds = 20.0
 
     def scrape(self) -> dict[str, float]:
         """Every sample of one scrape, on a new connection (any worker may take it)."""
@@ -64,15 +65,6 @@ class TwoWorkerMachine:
             if match and line.startswith("affinity_"):
                 samples[match["series"]] = float(match["value"])
         return samples
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(params=sorted(SERVERS))

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import APP_NAME, ROOT, SECRET, free_port
+from tests.conftest import APP_NAME, ROOT, SECRET, ServerProcess, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +39,7 @@ HOLD_SECONDS = 3.0
 
 
 @dataclass
-class Launcher:
+class Launcher(ServerProcess):
     """``python -m fly_replay_router.serve tests.workers_app:app --workers 2``: one machine, two workers."""
 
     url: str
@@ -47,18 +47,7 @@ class Launcher:
     busy_timeout: float
     process: subprocess.Popen[bytes]
     log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    stop_seconds = 20.0
 
 
 def _launch(busy_timeout: str) -> Launcher:

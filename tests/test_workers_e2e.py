@@ -27,7 +27,7 @@ from mcp import Client
 from mcp.client.sse import sse_client
 
 from fly_replay_router.protocol import SESSION_NOT_FOUND_BODY
-from tests.conftest import APP_NAME, ROOT, SECRET, free_port
+from tests.conftest import APP_NAME, ROOT, SECRET, ServerProcess, free_port
 from tests.mcp_http import (
     ServedBy,
     client_recording_served_by,
@@ -61,24 +61,13 @@ SERVERS = {
 
 
 @dataclass
-class MultiWorkerMachine:
+class MultiWorkerMachine(ServerProcess):
     """One machine (one ``FLY_MACHINE_ID``) served by a process manager and its workers."""
 
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    stop_seconds = 20.0
 
 
 @pytest.fixture(scope="module", params=sorted(SERVERS))
