@@ -161,6 +161,22 @@ def test_bad_options_are_refused_with_a_sentence() -> None:
     assert missing.returncode == 1
     assert 'Could not import module "no_such_module"' in missing.stderr
     assert "Traceback" not in missing.stderr
+    level = run_launcher("--log-level", "verbose")
+    assert level.returncode == 2
+    assert "invalid choice: 'verbose'" in level.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "layer"), [("info", "INFO"), ("debug", "DEBUG"), ("trace", "DEBUG"), ("warning", "WARNING")]
+)
+def test_the_launchers_log_level_is_the_layers_too(given: str, layer: str) -> None:
+    # In a process of its own: the launcher configures the layer's logger once per process.
+    code = (
+        "import logging; from fly_replay_router.serve import show_layer_logs; "
+        f"show_layer_logs({given!r}); print(logging.getLevelName(logging.getLogger('fly_replay_router').level))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == layer
 
 
 def test_help_explains_which_address_serves_whom() -> None:
