@@ -8,6 +8,12 @@ https://fly.io/docs/networking/dynamic-request-routing/):
 - path rules set by a response (``fly-replay-cache: /prefix/*`` + ``fly-replay-cache-ttl-secs``, or
   the JSON form's ``cache``): every request under the prefix goes to the target.
 
+A pattern or a ``path_prefix`` may name the host too (``example.com/some/path/*``; "the domain may
+also be set explicitly", and a ``path_prefix`` may be narrowed "by specifying a hostname"): then it
+applies only to requests whose ``Host`` is that name (compared without its port, in any case). Fly
+does not say which of a host's rule and a rule for any host wins when both match the same length
+of path; here the host's does, and otherwise the longer path.
+
 A cache is an optimisation, never a guarantee: an entry whose target cannot be reached, or whose
 target replays the request again, is dropped, and the proxy asks the app again.
 
@@ -25,10 +31,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 
-from fly_replay_router.edge.config import MIN_CACHE_TTL_SECONDS, SessionCacheRule
+from fly_replay_router.edge.config import MIN_CACHE_TTL_SECONDS, SessionCacheRule, split_pattern
 
 # The client's opt-out, honoured only by rules with allow_bypass = true.
 BYPASS_VALUE = "skip"
+
+
+def request_host(headers: Mapping[str, str]) -> str:
+    """The request's ``Host`` without its port, in lower case (``""`` without one)."""
+    host = headers.get("host", "").strip().lower()
+    if host.startswith("["):  # an IPv6 literal, [::1]:8080
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +51,7 @@ class CacheKey:
 
     kind: str  # "session" or "path"
     scope: str  # the rule's path_prefix, or the cached path prefix
-    value: str = ""
+    value: str = ""  # the session's key value, or the host a path entry is for ("": any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +80,8 @@ class ReplayCache:
     def __init__(
         self, rules: tuple[SessionCacheRule, ...] = (), *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        # Longest prefix first, so the first match is the one Fly would pick.
-        self._rules = tuple(sorted(rules, key=lambda rule: len(rule.path_prefix), reverse=True))
+        # Longest path first (a host's rule before one for any host), so the first match wins.
+        self._rules = tuple(sorted(rules, key=lambda rule: (len(rule.path), bool(rule.host)), reverse=True))
         self._ttls = {rule.path_prefix: rule.ttl_seconds for rule in self._rules}
         self._clock = clock
         self._entries: dict[CacheKey, tuple[str, float]] = {}
@@ -84,7 +98,11 @@ class ReplayCache:
         """
         session_key: CacheKey | None = None
         bypass = False
-        rule = next((rule for rule in self._rules if path.startswith(rule.path_prefix)), None)
+        host = request_host(headers)
+        rule = next(
+            (rule for rule in self._rules if path.startswith(rule.path) and rule.host in ("", host)),
+            None,
+        )
         if rule is not None:
             value = _key_value(rule, headers)
             if value:
@@ -100,10 +118,10 @@ class ReplayCache:
                 return CacheLookup(session_key=session_key, hit=session_key, target=target)
         for length in sorted(self._path_lengths, reverse=True) if self._path_lengths else ():
             if length <= len(path):
-                key = CacheKey("path", path[:length])
-                target = self._live_target(key)
-                if target is not None:
-                    return CacheLookup(session_key=session_key, hit=key, target=target)
+                for key in (CacheKey("path", path[:length], host), CacheKey("path", path[:length])):
+                    target = self._live_target(key)
+                    if target is not None:
+                        return CacheLookup(session_key=session_key, hit=key, target=target)
         return CacheLookup(session_key=session_key)
 
     def remember_session(self, key: CacheKey, machine_id: str) -> None:
@@ -111,11 +129,12 @@ class ReplayCache:
         self._store(key, machine_id, self._ttls[key.scope])
 
     def remember_path(self, pattern: str, ttl_seconds: int, machine_id: str) -> None:
-        """Store a path rule from ``fly-replay-cache: /prefix/*``; a trailing ``*`` is optional."""
-        prefix = pattern.rstrip("*")
-        if not prefix.startswith("/"):
+        """Store a path rule from ``fly-replay-cache: [host]/prefix/*``; a trailing ``*`` is optional."""
+        split = split_pattern(pattern.rstrip("*"))
+        if split is None:
             raise ValueError(f"fly-replay-cache {pattern!r} is not a path")
-        self._store(CacheKey("path", prefix), machine_id, max(ttl_seconds, MIN_CACHE_TTL_SECONDS))
+        host, prefix = split
+        self._store(CacheKey("path", prefix, host), machine_id, max(ttl_seconds, MIN_CACHE_TTL_SECONDS))
 
     def invalidate(self, key: CacheKey) -> None:
         """Forget one entry (``fly-replay-cache: invalidate``, or a target that failed)."""

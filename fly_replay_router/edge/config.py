@@ -62,14 +62,39 @@ class SessionCacheRule:
     allow_bypass: bool = False
 
     def __post_init__(self) -> None:
-        if not self.path_prefix.startswith("/"):
-            raise ValueError(f"replay_cache path_prefix {self.path_prefix!r} must start with '/'")
+        if split_pattern(self.path_prefix) is None:
+            raise ValueError(
+                f"replay_cache path_prefix {self.path_prefix!r} must be a path ('/api') or a host and a path "
+                "('api.example.com/api')"
+            )
         if self.ttl_seconds < MIN_CACHE_TTL_SECONDS:
             raise ValueError(f"replay_cache ttl_seconds must be at least {MIN_CACHE_TTL_SECONDS} (Fly's minimum)")
         if self.type not in ("header", "cookie"):
             raise ValueError(f'replay_cache type {self.type!r} must be "header" or "cookie"')
         if not self.name:
             raise ValueError("replay_cache name must name a header or a cookie")
+
+    @property
+    def host(self) -> str:
+        """The host the rule is narrowed to (lower case), or ``""`` for any."""
+        return split_pattern(self.path_prefix)[0]  # type: ignore[index]
+
+    @property
+    def path(self) -> str:
+        """The path part of ``path_prefix``."""
+        return split_pattern(self.path_prefix)[1]  # type: ignore[index]
+
+
+def split_pattern(pattern: str) -> tuple[str, str] | None:
+    """``(host, path prefix)`` of a replay-cache pattern: ``/prefix`` (host ``""``: any) or
+    ``host/prefix``, the host in lower case; None when it is neither (no ``/``, or an empty or spaced
+    host)."""
+    if pattern.startswith("/"):
+        return "", pattern
+    host, slash, path = pattern.partition("/")
+    if not slash or not host or any(char.isspace() for char in host):
+        return None
+    return host.lower(), "/" + path
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import aiohttp
 
 from fly_replay_router import fly
 from fly_replay_router.edge.cache import CacheLookup
+from fly_replay_router.edge.config import split_pattern
 from fly_replay_router.edge.context import EdgeContext
 from fly_replay_router.edge.errors import EdgeError, RoutingFailure
 from fly_replay_router.edge.headers import ClientRequest, Headers, replace_headers
@@ -242,9 +243,9 @@ class Router:
             self._path_rule = (None, 0)
             return
         ttl_text = response.headers.get(fly.FLY_REPLAY_CACHE_TTL_SECS, "")
-        if value.startswith("/"):
+        if split_pattern(value.rstrip("*")) is not None:
             self._path_rule = (value, fly.ascii_decimal(ttl_text.strip(), max_digits=9) or 10)
-        elif directive is not None and directive.prefix is not None:
+        elif directive is not None and directive.prefix is not None and split_pattern(directive.prefix.rstrip("*")):
             self._path_rule = (directive.prefix, directive.ttl_seconds or 10)
         else:
             self._path_rule = (None, 0)

@@ -51,6 +51,26 @@ def test_longest_prefix_rule_wins_and_cookies_are_keys() -> None:
     assert cache.lookup("/mcp", {"mcp-session-id": "abc"}, skip_requested=True).target == "0badc0ffee0000"
 
 
+def test_a_rule_or_pattern_that_names_a_host_applies_to_that_host_only() -> None:
+    # Fly: "you can narrow the configuration by specifying a hostname in path_prefix", and a
+    # fly-replay-cache pattern's "domain may also be set explicitly".
+    narrowed = SessionCacheRule(path_prefix="API.example.com/api", ttl_seconds=60, type="header", name="Authorization")
+    cache = ReplayCache((SESSION_RULE, narrowed), clock=Clock())
+    headers = {"authorization": "Bearer t", "mcp-session-id": "s"}
+    for host in ("api.example.com", "API.Example.com:8443"):  # the host without its port, in any case
+        assert cache.lookup("/api/x", {**headers, "host": host}).session_key.scope == narrowed.path_prefix  # type: ignore[union-attr]
+    assert cache.lookup("/api/x", {**headers, "host": "other.example"}).session_key.scope == "/"  # type: ignore[union-attr]
+    cache.remember_path("example.com/docs/*", 60, "148e272a6d4689")
+    cache.remember_path("/docs/", 60, "3d8d9930b23e89")
+    assert cache.lookup("/docs/a", {"host": "example.com"}).target == "148e272a6d4689"  # the host's entry first
+    assert cache.lookup("/docs/a", {"host": "other.example"}).target == "3d8d9930b23e89"
+    for bad in ("example.com", " example.com/x"):  # no path; a host with a space
+        with pytest.raises(ValueError, match="is not a path"):
+            cache.remember_path(bad, 60, "148e272a6d4689")
+    with pytest.raises(ValueError, match="must be a path"):
+        SessionCacheRule(path_prefix="api.example.com", ttl_seconds=60, type="header", name="Authorization")
+
+
 def test_path_rules_and_invalidation() -> None:
     cache = ReplayCache(clock=Clock())
     cache.remember_path("/files/*", 60, "148e272a6d4689")

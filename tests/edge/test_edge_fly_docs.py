@@ -2,8 +2,8 @@
 
 Each row is a literal from "Dynamic request routing with fly-replay"
 (https://fly.io/docs/networking/dynamic-request-routing/, "Replay Caching"), with the meaning the
-page gives it. A row marked ``xfail(strict=True)`` is a known difference between the edge and Fly:
-it fails the run as soon as the edge does what the page says, so that the mark is removed then.
+page gives it. A known difference between the edge and Fly would be marked ``xfail(strict=True)``, so that the
+run fails as soon as the edge does what the page says (none is left).
 """
 
 from __future__ import annotations
@@ -30,12 +30,7 @@ pytestmark = pytest.mark.anyio
         # "This needs to be a path-matching pattern, and implicitly ends with a wildcard /*".
         "/some/path",
         # "The domain may also be set explicitly: example.com/some/path/*".
-        pytest.param(
-            f"{HOST}/some/path/*",
-            marks=pytest.mark.xfail(
-                strict=True, reason="the edge reads only patterns that start with '/', not a domain-qualified one"
-            ),
-        ),
+        f"{HOST}/some/path/*",
     ],
 )
 async def test_a_path_pattern_from_fly_docs_sends_later_requests_straight_to_the_target(
@@ -61,6 +56,10 @@ async def test_a_path_pattern_from_fly_docs_sends_later_requests_straight_to_the
         assert len(a.machine.seen) == seen_by_a
         # "The pattern must also match the current request": other paths are balanced as before.
         assert (await client.get("/other", headers={"fly-force-instance-id": a.id})).json()["machine"] == a.id
+        # A pattern that names the domain matches only requests for it; one without, any host.
+        other_host = (await client.get("/some/path/two", headers={"host": "other.example"})).json()
+        hit = other_host["headers"].get("fly-replay-cache-status") == "hit"
+        assert hit is (not pattern.startswith(HOST)), other_host
 
 
 async def test_fly_replay_cache_invalidate_from_the_target_ends_the_cached_replay(make_probes, make_edge) -> None:
@@ -120,7 +119,6 @@ def test_fly_docs_session_cache_rules_read_as_the_page_says(tmp_path: Path) -> N
     assert rules == {("/", 300, "cookie", "session_id"), ("/api", 600, "header", "Authorization")}, ROUTING
 
 
-@pytest.mark.xfail(strict=True, reason="the edge's fly.toml reader refuses a path_prefix that names a hostname")
 def test_fly_docs_session_cache_rule_with_a_hostname_is_accepted(tmp_path: Path) -> None:
     # "you can narrow the configuration by specifying a hostname in path_prefix".
     assert tomllib.loads(HOSTNAME_RULE)  # the snippet itself is valid TOML
