@@ -34,6 +34,8 @@ REJECTION_WINDOW_SECONDS = 10.0
 REJECTIONS_LOGGED_PER_WINDOW = 5
 _BARE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _FLY_REQUEST_ID = b"fly-request-id"
+# Outcomes logged below info: a hand-over is most of the traffic of a machine with several workers.
+_LEVELS = {"handed_over": logging.DEBUG}
 
 
 def escape(value: str) -> str:
@@ -68,10 +70,10 @@ class DecisionLog:
         self._suppressed: dict[str, int] = {}
         self._summary_scheduled = False
 
-    def decision(
-        self, scope: Scope, outcome: str, reason: str, owner: str | None, *, level: int = logging.INFO
-    ) -> None:
-        """One line for a request the layer did not simply serve here (rate-limited if rejected)."""
+    def decision(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
+        """One line for a request the layer did not simply serve here (rate-limited if rejected; a
+        hand-over's at debug, see the module docstring)."""
+        level = _LEVELS.get(outcome, logging.INFO)
         if not logger.isEnabledFor(level):
             return
         if outcome == "rejected" and not self._admit(reason):

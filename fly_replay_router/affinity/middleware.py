@@ -19,7 +19,6 @@ request routing" (https://fly.io/docs/networking/dynamic-request-routing/).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -397,9 +396,7 @@ class AffinityMiddleware:
             )
             if outcome is Outcome.ANSWERED:
                 self._counts.handover(time.perf_counter() - started)
-                # Counted, and logged at debug only: most requests of a machine with several workers.
-                self._counts.add("handed_over", "")
-                self._log.decision(scope, "handed_over", "", owner, level=logging.DEBUG)
+                self._record(scope, "handed_over", "", owner)
                 return None
             if outcome is Outcome.BUSY:
                 # The owner is alive and holds the session: the client keeps it and tries again.
