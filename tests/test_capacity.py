@@ -33,9 +33,10 @@ def test_live_sessions_drop_idle_ones_but_keep_those_with_a_request_in_flight() 
     live = LiveSessions(idle_timeout=10)
     for name in (b"a", b"b", b"c"):
         live.minted(name, "/mcp", 0.0)
-    stream = live.started(b"b")  # b holds an event stream
+    stream = live.get(b"b")  # b holds an event stream
     assert stream is not None
-    assert live.started(b"x") is None  # not minted here: never counted
+    stream.start()
+    assert live.get(b"x") is None  # not minted here: never counted
     assert live.count(5.0) == 3
     assert live.count(11.0) == 1  # a and c idled out; b's stream is still open
     stream.finish(30.0)

@@ -103,14 +103,6 @@ class LiveSessions:
         """The session ``inner`` if it counts here (minted by this process, not ended or idled out)."""
         return self._sessions.get(inner)
 
-    def started(self, inner: bytes) -> Live | None:
-        """A request of ``inner`` has reached the server: its session, which the request keeps live until
-        ``Live.finish``, or None if it does not count here."""
-        session = self._sessions.get(inner)
-        if session is not None:
-            session.start()
-        return session
-
     def ended(self, inner: bytes, path: str) -> None:
         """The server ended ``inner`` on ``path``: counted no more if that is where it was minted."""
         session = self._sessions.get(inner)
