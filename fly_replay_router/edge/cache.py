@@ -80,9 +80,14 @@ class ReplayCache:
     def __init__(
         self, rules: tuple[SessionCacheRule, ...] = (), *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        # Longest path first (a host's rule before one for any host), so the first match wins.
-        self._rules = tuple(sorted(rules, key=lambda rule: (len(rule.path), bool(rule.host)), reverse=True))
-        self._ttls = {rule.path_prefix: rule.ttl_seconds for rule in self._rules}
+        # (host, path, rule), longest path first (a host's rule before one for any host), so the first
+        # match wins.
+        self._rules = tuple(
+            sorted(
+                ((rule.host, rule.path, rule) for rule in rules), key=lambda r: (len(r[1]), bool(r[0])), reverse=True
+            )
+        )
+        self._ttls = {rule.path_prefix: rule.ttl_seconds for rule in rules}
         self._clock = clock
         self._entries: dict[CacheKey, tuple[str, float]] = {}
         # How many path entries have a prefix of each length: the lengths a lookup tries, longest first.
@@ -100,7 +105,11 @@ class ReplayCache:
         bypass = False
         host = request_host(headers)
         rule = next(
-            (rule for rule in self._rules if path.startswith(rule.path) and rule.host in ("", host)),
+            (
+                rule
+                for rule_host, rule_path, rule in self._rules
+                if path.startswith(rule_path) and rule_host in ("", host)
+            ),
             None,
         )
         if rule is not None:

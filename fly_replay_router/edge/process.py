@@ -177,6 +177,7 @@ def _group_states(pgid: int) -> list[str] | None:
     except OSError:
         return None
     states = []
+    group = str(pgid).encode()
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -185,7 +186,7 @@ def _group_states(pgid: int) -> list[str] | None:
                 fields = stat.read().rsplit(b") ", 1)[1].split()
         except (OSError, IndexError):
             continue  # gone meanwhile, or not ours to read
-        if fields[2] == str(pgid).encode():
+        if fields[2] == group:
             states.append(fields[0].decode())
     return states
 
