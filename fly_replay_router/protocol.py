@@ -53,6 +53,8 @@ def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+# The event stream type as the SDKs send it (Starlette adds the charset to text/* types).
+SDK_EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
 # The values servers send, decided without parsing (Starlette adds the charset to text/* types).
 _KNOWN_TYPES = {
     b"text/event-stream": True,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fly_replay_router.affinity.sse import MAX_SCAN_BYTES, EndpointEventRewriter, passes_untouched
+from fly_replay_router.affinity.capacity import LiveSessions
+from fly_replay_router.affinity.rewrite import Watcher
+from fly_replay_router.affinity.sse import MAX_SCAN_BYTES, SDK_MESSAGE_START, EndpointEventRewriter, passes_untouched
+from fly_replay_router.protocol import SDK_EVENT_STREAM_TYPE
 
 INNER = "7da4e80665bd4c6fb73231d63f0c227f"
 
@@ -195,3 +199,85 @@ def test_the_first_event_a_client_sees_as_endpoint_names_a_token_and_nothing_els
     else:
         # Anything else: at most one session_id rewritten, and every event still there.
         assert [kind for kind, _ in after] == [kind for kind, _ in before]
+
+
+class _Layer:
+    """What a Watcher asks of the layer, with tokens made as ``wrap`` makes them."""
+
+    lazy_channel = False
+
+    def __init__(self) -> None:
+        self.live = LiveSessions(idle_timeout=60.0)
+
+    def issue_token(self, inner_session_id: str) -> str:
+        return wrap(inner_session_id)
+
+    def served_by(self, headers: object) -> bytes:
+        return b"machine=m;worker=w;via=direct"
+
+    def admit(self, scope: object, *, legacy: bool, admitted: bool) -> None:
+        return None
+
+    async def refuse(self, scope: object, send: object, refusal: object) -> None:
+        raise AssertionError("nothing is refused here")
+
+    def record_refusal(self, scope: object, refusal: object) -> None:
+        raise AssertionError("nothing is refused here")
+
+    async def minting(self, scope: object) -> None:
+        return None
+
+
+def through_watcher(chunks: list[bytes], served: bytes | None) -> bytes:
+    """The body a client gets when a POST's event stream answer, sent in ``chunks``, goes through a Watcher."""
+    sent: list[bytes] = []
+
+    async def downstream(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message["body"])  # type: ignore[arg-type]
+
+    scope = {"type": "http", "method": "POST", "path": "/mcp", "headers": []}
+    watcher = Watcher(scope, downstream, _Layer(), served, b"token" if served else None, False, None)  # type: ignore[arg-type]
+
+    async def answer() -> None:
+        await watcher.send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", SDK_EVENT_STREAM_TYPE)]}
+        )
+        for chunk in chunks:
+            await watcher.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await watcher.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    asyncio.run(answer())
+    return b"".join(sent)
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams(), st.booleans(), st.sampled_from([None, b"inner-of-the-post"]))
+def test_a_watched_stream_that_opens_as_the_sdk_writes_it_is_read_as_the_rewriter_reads_it(
+    case: tuple[bytes, list[int]], sdk_opening: bool, served: bytes | None
+) -> None:
+    # The watcher decides a first chunk that opens with SDK_MESSAGE_START without passes_untouched:
+    # whatever follows the opening, the client must get what the full rewriter gives.
+    stream, cuts = case
+    if sdk_opening:
+        stream, cuts = SDK_MESSAGE_START + stream, [cut + len(SDK_MESSAGE_START) for cut in cuts]
+    bounds = [0, *cuts, len(stream)]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    assert through_watcher(chunks, served) == run(chunks)[0], stream
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        SDK_MESSAGE_START + b" {}\r\nevent: endpoint\r\ndata: /messages/?session_id=" + INNER.encode() + b"\r\n\r\n",
+        SDK_MESSAGE_START + b" {}\r\n",  # not complete: an event field may still follow
+        SDK_MESSAGE_START + b" /messages/?session_id=" + INNER.encode() + b"\r\nevent:endpoint\r\n\r\n",
+    ],
+)
+def test_an_sdk_opening_does_not_let_an_endpoint_event_through(chunk: bytes) -> None:
+    rest = b"event: endpoint\r\ndata: /messages/?session_id=" + INNER.encode() + b"\r\n\r\n"
+    body = through_watcher([chunk, rest], None)
+    assert body == run([chunk, rest])[0]
+    # The first event a client dispatches is an endpoint event, and it names the token.
+    kind, data = parse(body)[0]
+    assert kind == "endpoint" and data.endswith(f"session_id={wrap(INNER)}"), body

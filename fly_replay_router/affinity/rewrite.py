@@ -30,9 +30,9 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from fly_replay_router.affinity.capacity import LiveSessions, Refusal
-from fly_replay_router.affinity.sse import EndpointEventRewriter, passes_untouched
+from fly_replay_router.affinity.sse import ENDPOINT, SDK_MESSAGE_START, EndpointEventRewriter, passes_untouched
 from fly_replay_router.asgi import Message, Scope, Send
-from fly_replay_router.protocol import MCP_SESSION_ID, is_event_stream_type
+from fly_replay_router.protocol import MCP_SESSION_ID, SDK_EVENT_STREAM_TYPE, is_event_stream_type
 
 # Every answer the layer serves for a session names who served it and how the request arrived:
 # ``machine=<id>;worker=<tag>;via=<direct|replay|forward|handover>`` (hops joined by ``+``).
@@ -42,6 +42,7 @@ _NOT_FOUND_SCAN_BYTES = 1024
 _SESSION_NOT_FOUND = b'"Session not found"'
 # The SDK's DNS-rebinding check answers 421 (Misdirected Request) to a disallowed Host.
 MISDIRECTED = 421
+_SDK_MESSAGE_START_LENGTH = len(SDK_MESSAGE_START)
 
 
 class LegacyRefused(ConnectionError):
@@ -181,7 +182,7 @@ class Watcher:
         status = message["status"]
         self.status = status
         headers = message.get("headers", ())
-        if not isinstance(headers, (list, tuple)):
+        if type(headers) is not list and type(headers) is not tuple:  # cheaper than isinstance
             # Any iterable of pairs, says ASGI: read once here, so the server below gets them all.
             headers = list(headers)
             message = {**message, "headers": headers}
@@ -211,15 +212,20 @@ class Watcher:
                 content_type = value
         inspect = False
         not_found_body: bytearray | None = None
-        if served is not None and self._streamable:
-            if status == 404:
-                not_found_body = bytearray()
-                inspect = True
-            elif self._scope["method"] == "DELETE" and 200 <= status < 300:
-                layer.live.ended(served, self._path)
-        if status == MISDIRECTED:
-            inspect = True  # the middleware asks whether the 421 was complete
-        stream = content_type is not None and is_event_stream_type(content_type)
+        # Only an error or a DELETE can end a session or need its body read.
+        if status >= 300 or self._scope["method"] == "DELETE":
+            if served is not None and self._streamable:
+                if status == 404:
+                    not_found_body = bytearray()
+                    inspect = True
+                elif 200 <= status < 300:  # a DELETE
+                    layer.live.ended(served, self._path)
+            if status == MISDIRECTED:
+                inspect = True  # the middleware asks whether the 421 was complete
+        # The SDKs' own value first: a call costs more than the comparison.
+        stream = content_type is not None and (
+            content_type == SDK_EVENT_STREAM_TYPE or is_event_stream_type(content_type)
+        )
         if inspect:
             self._watch_body(stream, not_found_body)
         elif stream:
@@ -276,7 +282,15 @@ class Watcher:
 
     def _first_chunk(self, message: Message) -> Awaitable[None]:
         """The first body message of an event stream, when nothing else is watched: most decide at once."""
-        if passes_untouched(message.get("body", b"")):
+        chunk = message.get("body", b"")
+        # The SDKs' own first chunk is decided here without a call: it opens with a message event's
+        # type and data lines, so it dispatches a message event once complete (passes_untouched's
+        # other two tests follow). Every other chunk takes passes_untouched.
+        if (
+            chunk[:_SDK_MESSAGE_START_LENGTH] == SDK_MESSAGE_START
+            and chunk[-3:] == b"\n\r\n"
+            and not chunk.partition(ENDPOINT)[1]
+        ) or passes_untouched(chunk):
             self._body_mode = _PASS
             return self._downstream(message)
         self._watch_body(False, None)

@@ -26,7 +26,10 @@ from fly_replay_router.protocol import ENDPOINT_SESSION_PARAM
 
 MAX_SCAN_BYTES = 16 * 1024
 
-_ENDPOINT = b"endpoint"
+ENDPOINT = b"endpoint"
+# How the SDKs' first chunk opens: sse-starlette writes a message event's type, then its data, with
+# CRLF line ends (``rewrite.Watcher`` decides such a chunk without calling ``passes_untouched``).
+SDK_MESSAGE_START = b"event: message\r\ndata:"
 # An empty line at the end of a chunk: every event in it is complete.
 _ENDS_WITH_EMPTY_LINE = (b"\n\r\n", b"\n\n", b"\r\r", b"\r\r\n", b"\r\n\r", b"\n\r")  # CRLF CRLF first
 # A stream may open with a byte order mark, which parsers drop before the first line.
@@ -79,7 +82,7 @@ def passes_untouched(chunk: bytes) -> bool:
     return (
         (chunk[-3:] == b"\n\r\n" or chunk.endswith(_ENDS_WITH_EMPTY_LINE))
         and (chunk.find(b"\ndata:") >= 0 or chunk.startswith(b"data:") or chunk.find(b"\rdata:") >= 0)
-        and not chunk.partition(_ENDPOINT)[1]
+        and not chunk.partition(ENDPOINT)[1]
     )
 
 
@@ -130,7 +133,7 @@ class EndpointEventRewriter:
                 if event.startswith(_BOM):  # sent on as it came, left out of the reading
                     event, passed = event[len(_BOM) :], passed + len(_BOM)
             kind = dispatched_type(event)
-            if kind == _ENDPOINT:
+            if kind == ENDPOINT:
                 self._finish()
                 return data[:passed] + _rewrite_data(event, self._replace) + data[end:]
             passed = end
