@@ -280,4 +280,5 @@ def test_an_sdk_opening_does_not_let_an_endpoint_event_through(chunk: bytes) -> 
     assert body == run([chunk, rest])[0]
     # The first event a client dispatches is an endpoint event, and it names the token.
     kind, data = parse(body)[0]
-    assert kind == "endpoint" and data.endswith(f"session_id={wrap(INNER)}"), body
+    assert kind == "endpoint", body
+    assert data.endswith(f"session_id={wrap(INNER)}"), body

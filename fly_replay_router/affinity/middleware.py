@@ -116,13 +116,18 @@ class AffinityMiddleware:
         length: bytes | None = None
         carriers = 0
         chunked = routing = False
+        # Where the Mcp-Session-Id header is, to put the inner id in its place: counted here, since a
+        # search of the list afterwards costs more than the count.
+        position = header_at = -1
         # One pass over the headers; most names are none of these, and one set lookup says so.
         for name, value in headers:
+            position += 1
             if name not in _READ_HEADERS:
                 continue
             if name == MCP_SESSION_ID:
                 carriers += 1
                 token = value
+                header_at = position
             elif name == MCP_PROTOCOL_VERSION:
                 if version is None:
                     version = value
@@ -192,11 +197,7 @@ class AffinityMiddleware:
             scope = dict(scope)
             if query_carrier is None:
                 scope["headers"] = rewritten = list(headers)
-                try:
-                    at = rewritten.index((MCP_SESSION_ID, token))  # type: ignore[arg-type]
-                except ValueError:  # pairs given as lists: ASGI allows any two-item iterable
-                    at = next(index for index, (name, _) in enumerate(rewritten) if name == MCP_SESSION_ID)
-                rewritten[at] = (MCP_SESSION_ID, served)
+                rewritten[header_at] = (MCP_SESSION_ID, served)
                 carried: bytes = token  # type: ignore[assignment]
                 if counted is not None:
                     counted.start()
