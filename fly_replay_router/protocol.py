@@ -53,8 +53,9 @@ def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-# The event stream type as the SDKs send it (Starlette adds the charset to text/* types).
+# The two answer types as the SDKs send them (Starlette adds the charset to text/* types only).
 SDK_EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
+SDK_JSON_TYPE = b"application/json"
 # The values servers send, decided without parsing (Starlette adds the charset to text/* types).
 _KNOWN_TYPES = {
     b"text/event-stream": True,

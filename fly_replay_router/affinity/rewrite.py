@@ -32,7 +32,7 @@ from typing import Protocol
 from fly_replay_router.affinity.capacity import LiveSessions, Refusal
 from fly_replay_router.affinity.sse import ENDPOINT, SDK_MESSAGE_START, EndpointEventRewriter, passes_untouched
 from fly_replay_router.asgi import Message, Scope, Send
-from fly_replay_router.protocol import MCP_SESSION_ID, SDK_EVENT_STREAM_TYPE, is_event_stream_type
+from fly_replay_router.protocol import MCP_SESSION_ID, SDK_EVENT_STREAM_TYPE, SDK_JSON_TYPE, is_event_stream_type
 
 # Every answer the layer serves for a session names who served it and how the request arrived:
 # ``machine=<id>;worker=<tag>;via=<direct|replay|forward|handover>`` (hops joined by ``+``).
@@ -212,19 +212,18 @@ class Watcher:
                 content_type = value
         inspect = False
         not_found_body: bytearray | None = None
-        # Only an error or a DELETE can end a session or need its body read.
-        if status >= 300 or self._scope["method"] == "DELETE":
-            if served is not None and self._streamable:
-                if status == 404:
-                    not_found_body = bytearray()
-                    inspect = True
-                elif 200 <= status < 300:  # a DELETE
-                    layer.live.ended(served, self._path)
-            if status == MISDIRECTED:
+        if status >= 300:
+            if status == 404 and served is not None and self._streamable:
+                not_found_body = bytearray()
+                inspect = True
+            elif status == MISDIRECTED:
                 inspect = True  # the middleware asks whether the 421 was complete
-        # The SDKs' own value first: a call costs more than the comparison.
+        elif served is not None and self._streamable and status >= 200 and self._scope["method"] == "DELETE":
+            layer.live.ended(served, self._path)
+        # The SDKs' own two values are compared, which costs less than a call; others are parsed.
         stream = content_type is not None and (
-            content_type == SDK_EVENT_STREAM_TYPE or is_event_stream_type(content_type)
+            content_type == SDK_EVENT_STREAM_TYPE
+            or (content_type != SDK_JSON_TYPE and is_event_stream_type(content_type))
         )
         if inspect:
             self._watch_body(stream, not_found_body)

@@ -9,7 +9,8 @@ The first event a client dispatches (one with a ``data`` field) decides: an endp
 rewritten, any other type means the stream carries none. Events that dispatch nothing (comments,
 ``id``, ``retry``) pass on while the scan goes on. Every event stream the layer passes is watched
 this way (a Streamable HTTP answer included), so the usual first chunk, complete events of
-another type, costs three byte searches and no copy (``passes_untouched``).
+another type, costs three byte tests and no copy (``passes_untouched``; the watcher tests a chunk
+that opens as the SDKs write it, ``SDK_MESSAGE_START``, inline).
 
 Reference: HTML "Server-sent events", "Interpreting an event stream" (lines end in CRLF, LF or
 CR; an empty line ends an event; ``event:`` with one optional space names it:
