@@ -53,14 +53,15 @@ def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-# The two answer types as the SDKs send them (Starlette adds the charset to text/* types only).
+# The two answer types as the SDKs send them (Starlette adds the charset to text/* types only);
+# ``rewrite.Watcher`` compares an answer's value with them before it calls ``is_event_stream_type``.
 SDK_EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
 SDK_JSON_TYPE = b"application/json"
-# The values servers send, decided without parsing (Starlette adds the charset to text/* types).
+# The values servers send, decided without parsing.
 _KNOWN_TYPES = {
     b"text/event-stream": True,
-    b"text/event-stream; charset=utf-8": True,
-    b"application/json": False,
+    SDK_EVENT_STREAM_TYPE: True,
+    SDK_JSON_TYPE: False,
     b"text/plain; charset=utf-8": False,
 }
 

@@ -257,10 +257,12 @@ def test_a_watched_stream_that_opens_as_the_sdk_writes_it_is_read_as_the_rewrite
     case: tuple[bytes, list[int]], sdk_opening: bool, served: bytes | None
 ) -> None:
     # The watcher decides a first chunk that opens with SDK_MESSAGE_START without passes_untouched:
-    # whatever follows the opening, the client must get what the full rewriter gives.
+    # whatever follows the opening (the generated lines are fields of the same first event, after
+    # its data line), the client must get what the full rewriter gives.
     stream, cuts = case
     if sdk_opening:
-        stream, cuts = SDK_MESSAGE_START + stream, [cut + len(SDK_MESSAGE_START) for cut in cuts]
+        opening = SDK_MESSAGE_START + b" {}\r\n"
+        stream, cuts = opening + stream.removeprefix(b"\xef\xbb\xbf"), [len(opening) + cut for cut in cuts]
     bounds = [0, *cuts, len(stream)]
     chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
     assert through_watcher(chunks, served) == run(chunks)[0], stream
