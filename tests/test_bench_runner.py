@@ -64,3 +64,15 @@ def test_a_run_without_failures_exits_0(monkeypatch: pytest.MonkeyPatch, tmp_pat
     out = tmp_path / "results.json"
     assert bench.main(["--out", str(out)]) == 0
     assert json.loads(out.read_text())["failed"] == {}
+
+
+def test_the_crossing_floor_runs_in_every_placement() -> None:
+    """The floor under the hand-over figures (``crossing.py``), in a short real run: the echoing
+    process starts, is pinned, answers, and reports its CPU, in each placement."""
+    from tests.bench import crossing
+
+    figures = crossing.round_trips(blocks=2, round_trips=200)
+    assert figures["round_trips_each"] == 400
+    for placement in ("apart", "together", "unpinned"):
+        assert 0 < figures[f"{placement}_us"] < 100_000
+        assert figures[f"{placement}_cpu_us"] > 0

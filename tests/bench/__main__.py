@@ -61,6 +61,9 @@ ABBA order, median of the per-round or per-pair ratios; see ``layer.py`` and ``e
   abandoned handshake-era session, one holding its ``GET`` event stream, a legacy ``/sse`` stream.
 - ``handover_us``, ``handover_cpu_ratio``, ``workers_throughput_ratio``, ``workers_throughput_ratio_by_cpu``:
   several worker processes per machine; see ``workers.py``.
+- ``crossing_us``, ``handover_cpu_floor_ratio``: taken in the same group, the floor under those two: one
+  bare round trip between two unpinned processes over a socket pair (``crossing.py``), and the CPU
+  ratio a hand-over would reach if it cost its served call nothing but that round trip's CPU.
 - ``layer_instructions_pct``, ``sessionless_instructions_pct``: the layer's share of a ``tools/call``'s
   CPU instructions, counted by callgrind in-process (``instructions.py``; needs ``valgrind``).
 
@@ -95,7 +98,7 @@ from typing import Any
 
 import uvloop
 
-from tests.bench import edge, instructions, layer, scale, sessions, workers
+from tests.bench import crossing, edge, instructions, layer, scale, sessions, workers
 from tests.bench.layer import Budget
 
 
@@ -146,6 +149,10 @@ TARGETS = {
     "scale_max_machine_rss_mb": Target("", None, " MB"),
     "handover_us": Target("<=", 100, " µs"),  # median latency one hand-over between workers adds
     "handover_cpu_ratio": Target("<=", 1.15, ""),  # CPU of a handed-over call (both workers) / served directly
+    # The floor under both (crossing.py): one bare round trip between two processes, and the CPU
+    # ratio a hand-over would have if it cost nothing but that round trip.
+    "crossing_us": Target("", None, " µs"),
+    "handover_cpu_floor_ratio": Target("", None, ""),
     "workers_throughput_ratio": Target(">=", 1.6, ""),  # raw: the load generator shares the 2 cores
     "workers_throughput_ratio_by_cpu": Target(">=", 1.8, ""),
     # callgrind, in-process: the layer's share of a call's instructions (instructions.py)
@@ -170,7 +177,7 @@ GROUPS = {
     "replay_cache": ("replay_cache_us_10k", "replay_cache_us_100k"),
     "sessions": tuple(f"session_cost_kb_{kind}" for kind in sessions.KINDS),
     "scale": ("scale_misrouted_calls", "scale_errors", "scale_kb_per_session", "scale_max_machine_rss_mb"),
-    "workers_handover": ("handover_us", "handover_cpu_ratio"),
+    "workers_handover": ("handover_us", "handover_cpu_ratio", "crossing_us", "handover_cpu_floor_ratio"),
     "workers_throughput": ("workers_throughput_ratio", "workers_throughput_ratio_by_cpu"),
     "instructions": ("layer_instructions_pct", "sessionless_instructions_pct", "handover_instructions_ratio"),
 }
@@ -349,7 +356,13 @@ async def _run_workers_handover(report: Report, quick: bool, throughput: Budget)
     cost = await workers.handover_cost(pairs, cpu_blocks=throughput.rounds)
     report.results["handover_us"] = cost["handover_us"]
     report.results["handover_cpu_ratio"] = cost["handover_cpu_ratio"]
-    report.details["workers_handover"] = cost
+    report.log("the floor: a bare round trip between two processes, pinned apart, together, unpinned")
+    floor = await asyncio.to_thread(crossing.round_trips, 4 if quick else 8)
+    # The workers are not pinned: the unpinned round trip is the one their hand-overs pay.
+    report.results["crossing_us"] = floor["unpinned_us"]
+    served_cpu = cost["cpu_us_per_call_served"]
+    report.results["handover_cpu_floor_ratio"] = (served_cpu + floor["unpinned_cpu_us"]) / served_cpu
+    report.details["workers_handover"] = {**cost, "crossing": floor}
 
 
 async def _run_workers_throughput(report: Report, quick: bool, throughput: Budget) -> None:
