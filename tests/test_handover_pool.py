@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,7 +22,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fly_replay_router.affinity.frames import decode_scope, encode_scope
+from fly_replay_router.affinity.frames import (
+    BODY,
+    BODY_END,
+    CHUNK,
+    DISCONNECT,
+    END,
+    MAX_FRAME_BYTES,
+    SCOPE,
+    START,
+    FrameChannel,
+    decode_scope,
+    encode_scope,
+    frame,
+)
 from fly_replay_router.affinity.handover import Outcome, hand_over, serve_connection
 from fly_replay_router.affinity.siblings import IDLE_PER_OWNER, Siblings, connect
 from fly_replay_router.settings import AffinitySettings
@@ -43,7 +57,7 @@ class Owner:
     path: str
     accepted: int = 0
     requests: list[bytes] = field(default_factory=list)
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    channels: list[FrameChannel] = field(default_factory=list)
     server: asyncio.Server | None = None
     close_before_answering: bool = False
 
@@ -56,25 +70,26 @@ class Owner:
                 break
         self.requests.append(body)
         if self.close_before_answering:
-            for writer in self.writers:
-                writer.close()
+            for channel in self.channels:
+                channel.close()
             return
         await send({"type": "http.response.start", "status": 200, "headers": [(b"x-owner", b"yes")]})
         await send({"type": "http.response.body", "body": b"got " + body, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, channel: FrameChannel) -> None:
         self.accepted += 1
-        self.writers.append(writer)
-        await serve_connection(self.app, reader, writer, {}, None)
+        self.channels.append(channel)
+        await serve_connection(self.app, channel, {}, None)
 
     async def start(self) -> None:
-        self.server = await asyncio.start_unix_server(self._accept, self.path)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(lambda: FrameChannel(self._accept), self.path)
 
     def drop_connections(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        self.writers.clear()
+        for channel in self.channels:
+            channel.close()
+        self.channels.clear()
 
     def die(self) -> None:
         """As a worker killed with SIGKILL: every connection closed, nobody listening on the socket file."""
@@ -152,8 +167,9 @@ async def test_a_request_written_into_a_connection_closed_a_moment_ago_goes_once
     siblings = Siblings()
     async with running_owner(tmp_path) as owner:
         await _hand(siblings, owner, b"first")
-        for writer in owner.writers:
-            writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)  # at once, in the kernel
+        for channel in owner.channels:
+            assert channel.transport is not None
+            channel.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)  # at once, in the kernel
         assert siblings.idle(owner.path) == 1  # not seen yet
         assert await _hand(siblings, owner, b"second") == (Outcome.ANSWERED, b"got second")
     siblings.close()
@@ -301,3 +317,106 @@ def test_the_busy_timeout_is_a_positive_duration_of_at_most_an_hour(value: str) 
 def test_the_busy_timeout_is_read_from_the_environment() -> None:
     assert AffinitySettings.from_env({}).worker_busy_timeout == 5.0
     assert AffinitySettings.from_env({"AFFINITY_WORKER_BUSY_TIMEOUT": "800ms"}).worker_busy_timeout == 0.8
+
+
+class _Transport:
+    """Stands in for the socket's transport: what ``FrameChannel`` asks of it, recorded. Feeding
+    ``data_received`` directly is the only way to choose where reads cut the bytes."""
+
+    def __init__(self) -> None:
+        self.paused = self.closed = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def _channel() -> tuple[FrameChannel, _Transport]:
+    channel, transport = FrameChannel(), _Transport()
+    channel.connection_made(transport)  # type: ignore[arg-type]
+    return channel, transport
+
+
+_kinds = st.sampled_from([SCOPE, BODY, BODY_END, DISCONNECT, START, CHUNK, END])
+# Mostly small payloads, some over a read's 64 KiB (those are gathered across reads).
+_large = st.builds(lambda count, byte: byte * count, st.integers(60_000, 200_000), st.binary(min_size=1, max_size=1))
+_payloads = st.binary(max_size=300) | _large
+
+
+@given(sent=st.lists(st.tuples(_kinds, _payloads), max_size=8), cuts=st.lists(st.integers(1, 70_000), max_size=30))
+async def test_frames_arrive_whole_and_in_order_however_the_reads_cut_them(
+    sent: list[tuple[bytes, bytes]], cuts: list[int]
+) -> None:
+    channel, transport = _channel()
+    wire = b"".join(frame(kind, payload) for kind, payload in sent)
+    at = 0
+    for size in [*cuts, len(wire)]:
+        channel.data_received(wire[at : at + size])
+        at += size
+        if at >= len(wire):
+            break
+    received = [await channel.next() for _ in sent]
+    assert received == sent
+    assert not channel.buffered
+    # Reading stopped while more than 64 KiB of whole frames waited, and went on once they were read.
+    assert not transport.paused
+
+
+async def test_reading_pauses_while_whole_frames_wait_unread_and_goes_on_once_read() -> None:
+    channel, transport = _channel()
+    channel.data_received(frame(BODY, b"x" * 40_000) + frame(BODY, b"y" * 40_000))
+    assert transport.paused
+    assert (await channel.next())[1] == b"x" * 40_000
+    assert not transport.paused
+
+
+async def test_a_frame_over_the_limit_ends_the_connection_with_value_error() -> None:
+    channel, transport = _channel()
+    channel.data_received(frame(BODY, b"ok") + struct.pack(">cI", BODY, MAX_FRAME_BYTES + 1))
+    assert await channel.next() == (BODY, b"ok")  # what came whole before it is still handed out
+    with pytest.raises(ValueError, match="hand-over frame"):
+        await channel.next()
+    assert transport.closed
+    assert not channel.buffered
+
+
+async def test_a_cancelled_wait_for_a_frame_loses_nothing() -> None:
+    channel, _ = _channel()
+    waiting = asyncio.ensure_future(channel.next())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    channel.data_received(frame(END, b"last"))
+    assert await channel.next() == (END, b"last")
+
+
+async def test_the_arrival_watch_sees_the_next_frame_without_taking_it() -> None:
+    channel, _ = _channel()
+    seen: list[int] = []
+    channel.on_arrival(lambda: seen.append(1))
+    channel.data_received(frame(DISCONNECT)[:3])
+    assert seen == []  # part of a frame is not a frame
+    channel.data_received(frame(DISCONNECT)[3:])
+    channel.data_received(frame(SCOPE, b"next"))
+    assert seen == [1]  # once
+    assert await channel.next() == (DISCONNECT, b"")
+    channel.on_arrival(lambda: seen.append(2))  # a frame is there already: at once
+    assert seen == [1, 2]
+    assert await channel.next() == (SCOPE, b"next")
+    channel.on_arrival(lambda: seen.append(3))
+    channel.on_arrival(None)
+    channel.eof_received()
+    assert seen == [1, 2]  # forgotten
+    channel.on_arrival(lambda: seen.append(4))  # the end is there: at once
+    assert seen == [1, 2, 4]
+    with pytest.raises(EOFError):
+        await channel.next()

@@ -41,7 +41,7 @@ from fly_replay_router.affinity.frames import (
     SCOPE,
     SCOPE_ERRORS,
     START,
-    FrameReader,
+    FrameChannel,
     decode_scope,
     decode_start,
     encode_scope,
@@ -115,8 +115,8 @@ async def hand_over(
         except WorkerBusy as exc:
             logger.warning("affinity: hand-over to %s waited %.3g s: %s", socket_path, busy_timeout, exc)
             return Outcome.BUSY
-        connection.writer.write(head)
-        if not connection.writer.is_closing() or fresh:
+        connection.channel.write(head)
+        if not connection.channel.is_closing() or fresh:
             break
         # The write failed at once (EPIPE: the owner had closed this idle connection): nothing of the
         # request reached it, so it goes once more, on a new connection.
@@ -137,15 +137,15 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
     """The rest of one request on ``connection``, whose scope was written: None if it ended cleanly
     (the connection can carry another), ``ANSWERED`` if the answer started and was cut short,
     ``GONE`` if the owner closed before answering."""
-    frames, writer = connection.frames, connection.writer
+    channel = connection.channel
     # A streamed body goes on as it comes. A request whose body went with its scope only has the
     # client's leaving left to tell, which matters once the answer streams: that watch starts the
     # first time this side waits for more of an answer (a tools/call answer arrives whole, in one
     # read, and needs none).
-    pump = None if body_done else asyncio.ensure_future(_send_request(receive, writer, body_done=False))
+    pump = None if body_done else asyncio.ensure_future(_send_request(receive, channel, body_done=False))
     try:
         try:
-            kind, payload = await frames.next()
+            kind, payload = await channel.next()
             if kind != START:
                 raise ValueError(f"a {kind!r} frame before the response start")
             start = decode_start(payload)
@@ -154,10 +154,10 @@ async def _exchange(receive: Receive, send: Send, connection: SiblingConnection,
             return Outcome.GONE
         await send(start)
         while True:
-            if pump is None and not frames.buffered:
-                pump = asyncio.ensure_future(_send_request(receive, writer, body_done=True))
+            if pump is None and not channel.buffered:
+                pump = asyncio.ensure_future(_send_request(receive, channel, body_done=True))
             try:
-                kind, payload = await frames.next()
+                kind, payload = await channel.next()
             except FRAME_ERRORS as exc:
                 # The answer has started: all that is left is to end it.
                 logger.info("affinity: the answer from the worker at %s was cut short: %r", connection.socket_path, exc)
@@ -180,7 +180,7 @@ def _streamed_body(scope: Scope) -> bool:
     return b"transfer-encoding" in map(itemgetter(0), scope["headers"])
 
 
-async def _send_request(receive: Receive, writer: asyncio.StreamWriter, *, body_done: bool) -> None:
+async def _send_request(receive: Receive, writer: FrameChannel, *, body_done: bool) -> None:
     """The rest of the request body to the owner as it arrives; then, once the client leaves, a disconnect."""
     try:
         while not body_done:
@@ -197,27 +197,22 @@ async def _send_request(receive: Receive, writer: asyncio.StreamWriter, *, body_
         return
 
 
-async def serve_connection(
-    app: ASGIApp, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Mapping[str, Any], root: object
-) -> None:
+async def serve_connection(app: ASGIApp, channel: FrameChannel, state: Mapping[str, Any], root: object) -> None:
     """Run the requests a sibling hands over on one connection through ``app`` (the owner's layer),
     one after the other, and stream each answer back; until the sibling closes the connection."""
-    pending: asyncio.Future[tuple[bytes, bytes]] | None = None
-    frames = FrameReader(reader)
     try:
         while True:
             try:
-                kind, payload = await (pending if pending is not None else frames.next())
+                kind, payload = await channel.next()
             except FRAME_ERRORS:
                 return  # the sibling closed the connection
-            pending = None
             if kind != SCOPE:
                 continue  # the rest of a request whose answer has ended, or a late disconnect
             try:
                 scope = decode_scope(payload, state, root)
             except SCOPE_ERRORS:
                 return  # not a sender of this protocol: nothing to answer
-            exchange = _OwnerSide(frames, writer)
+            exchange = _OwnerSide(channel)
             try:
                 await app(scope, exchange.receive, exchange.send)
             except Exception:
@@ -229,27 +224,21 @@ async def serve_connection(
                 )
             if not exchange.ended:
                 await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
-            pending = exchange.next_frame
-            if writer.is_closing():
+            channel.on_arrival(None)
+            if channel.is_closing():
                 return
     finally:
-        if pending is not None:
-            pending.cancel()
-        writer.close()
+        channel.close()
 
 
 class _OwnerSide:
     """``receive`` and ``send`` of a handed-over request, on the owner's end of the connection."""
 
-    def __init__(self, frames: FrameReader, writer: asyncio.StreamWriter) -> None:
-        self._frames = frames
-        self._writer = writer
-        self._body_done = False
+    def __init__(self, channel: FrameChannel) -> None:
+        self._channel = channel
+        self._body_done = self._watching = False
         self._reading = asyncio.Lock()
         self._gone = asyncio.Event()
-        # Once the body is read, the next frame on the connection (a disconnect, or what follows the
-        # answer); the connection's loop takes it over when this request ends.
-        self.next_frame: asyncio.Future[tuple[bytes, bytes]] | None = None
         self.started = self.ended = False
         self._queued: list[bytes] = []
         self._queued_bytes = 0
@@ -260,7 +249,7 @@ class _OwnerSide:
             async with self._reading:
                 if not self._body_done:
                     try:
-                        kind, payload = await self._frames.next()
+                        kind, payload = await self._channel.next()
                     except FRAME_ERRORS:
                         kind, payload = DISCONNECT, b""
                     if kind == BODY:
@@ -269,15 +258,17 @@ class _OwnerSide:
                     if kind == BODY_END:
                         return {"type": "http.request", "body": payload, "more_body": False}
                     self._gone.set()
-        if self.next_frame is None and not self._gone.is_set():
-            self.next_frame = asyncio.ensure_future(self._frames.next())
-            self.next_frame.add_done_callback(lambda _: self._gone.set())
+        if not self._watching and not self._gone.is_set():
+            # Whatever comes next on the connection (a disconnect, or the end of it) means the client
+            # left; it stays unread for the connection's loop. After the answer's end, nothing is watched.
+            self._watching = True
+            self._channel.on_arrival(self._gone.set)
         # As servers do: after the body, receive() waits until the client leaves or the answer ends.
         await self._gone.wait()
         return _DISCONNECT_MESSAGE
 
     async def send(self, message: Message) -> None:
-        if self.ended or self._writer.is_closing():
+        if self.ended or self._channel.is_closing():
             return  # the sender is gone: the answer goes nowhere, as with a client that left
         if message["type"] == "http.response.start":
             self._queue(frame(START, encode_start(message)))
@@ -294,7 +285,7 @@ class _OwnerSide:
         elif self._queued_bytes >= _FLUSH_BYTES:
             self._flush()
         try:
-            await self._writer.drain()
+            await self._channel.drain()
         except (ConnectionError, OSError):
             self._gone.set()
 
@@ -310,7 +301,7 @@ class _OwnerSide:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
-        if self._queued and not self._writer.is_closing():
-            self._writer.write(b"".join(self._queued))
+        if self._queued and not self._channel.is_closing():
+            self._channel.write(b"".join(self._queued))
         self._queued.clear()
         self._queued_bytes = 0

@@ -28,7 +28,7 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from fly_replay_router.affinity.frames import FrameReader
+from fly_replay_router.affinity.frames import FrameChannel
 from fly_replay_router.affinity.handover import Outcome, WorkerBusy, WorkerGone
 
 IDLE_PER_OWNER = 8
@@ -43,18 +43,12 @@ class SiblingConnection:
     """One open connection to the worker listening on ``socket_path``."""
 
     socket_path: str
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    frames: FrameReader
+    channel: FrameChannel
 
     def usable(self) -> bool:
         """Still open both ways, with nothing unread: an owner that went away shows here as end of file."""
-        return not (
-            self.writer.is_closing()
-            or self.reader.at_eof()
-            or self.reader.exception() is not None
-            or self.frames.buffered
-        )
+        channel = self.channel
+        return not (channel.is_closing() or channel.ended or channel.buffered)
 
 
 class Siblings:
@@ -78,9 +72,10 @@ class Siblings:
             connection = idle.pop()
             if connection.usable():
                 return connection
-            connection.writer.close()
-        reader, writer = await asyncio.open_unix_connection(sock=await connect(socket_path, busy_timeout))
-        return SiblingConnection(socket_path, reader, writer, FrameReader(reader))
+            connection.channel.close()
+        sock = await connect(socket_path, busy_timeout)
+        _, channel = await loop.create_unix_connection(FrameChannel, sock=sock)
+        return SiblingConnection(socket_path, channel)
 
     def idle(self, socket_path: str) -> int:
         """How many idle connections to ``socket_path`` are kept that still look open."""
@@ -92,13 +87,13 @@ class Siblings:
         if reusable and connection.usable() and len(idle) < self.idle_per_owner:
             idle.append(connection)
         else:
-            connection.writer.close()
+            connection.channel.close()
 
     async def after_silence(self, socket_path: str) -> Outcome:
         """An owner closed a connection before answering: ``GONE`` if nobody listens there any more,
         else ``BUSY`` (it is alive; the request is not sent again, it may have been taken)."""
         for connection in self._idle.pop(socket_path, ()):
-            connection.writer.close()
+            connection.channel.close()
         try:
             probe = await connect(socket_path, 0)
         except WorkerGone:
@@ -113,7 +108,7 @@ class Siblings:
         for idle in self._idle.values():
             for connection in idle:
                 with contextlib.suppress(RuntimeError):  # its event loop has ended
-                    connection.writer.close()
+                    connection.channel.close()
         self._idle.clear()
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fly_replay_router.affinity.decision import Reject, Serve
-from fly_replay_router.affinity.frames import HANDED_OVER
+from fly_replay_router.affinity.frames import HANDED_OVER, FrameChannel
 from fly_replay_router.affinity.handover import Outcome, hand_over, serve_connection
 from fly_replay_router.affinity.siblings import Siblings
 from fly_replay_router.asgi import ASGIApp, Message, Receive, Scope, Send
@@ -149,7 +149,7 @@ class WorkerChannel:
                 raise
             # A layer dropped without a shutdown (no lifespan, an event loop that ended) closes it too.
             self._finalizer = weakref.finalize(self, _close_listener, listener, path)
-            self._server = await asyncio.start_unix_server(self._accept, sock=listener)
+            self._server = await self._loop.create_unix_server(lambda: FrameChannel(self._accept), sock=listener)
         except (OSError, ValueError) as exc:
             logger.warning(
                 "affinity: worker %s cannot open its hand-over socket %s (%s): its sessions are served only "
@@ -214,8 +214,8 @@ class WorkerChannel:
             busy_timeout=busy_timeout,
         )
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(self._serve, reader, writer, self._state, self._root)
+    async def _accept(self, channel: FrameChannel) -> None:
+        await serve_connection(self._serve, channel, self._state, self._root)
 
 
 def handed_over(scope: Scope) -> bool:
