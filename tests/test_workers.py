@@ -177,9 +177,12 @@ async def test_an_answer_that_does_not_wait_for_the_body_reaches_the_client(
 
 
 async def test_a_forged_hand_over_mark_only_gets_the_client_a_404(workers: tuple[Machine, Machine]) -> None:
+    """Also once A has handed the session over before (and remembers whose it is)."""
     a, b = workers
     async with httpx.AsyncClient(timeout=10) as client:
         token = await open_session(client, b)
+        handed = await client.get(f"{a.url}/disconnects", headers={"mcp-session-id": token})
+        assert handed.headers["x-worker-pid"] == str(b.process.pid)
         response = await client.get(
             f"{a.url}/disconnects", headers={"mcp-session-id": token, "affinity-handed-over": "0123abcd"}
         )
@@ -240,6 +243,9 @@ async def test_a_worker_that_is_gone_means_404_at_once(socket_dir: Path) -> None
     try:
         async with httpx.AsyncClient(timeout=10) as client:
             token = await open_session(client, b)
+            # Handed over once first: A remembers the session is B's, and still finds B gone.
+            handed = await client.get(f"{a.url}/disconnects", headers={"mcp-session-id": token})
+            assert handed.headers["x-worker-pid"] == str(b.process.pid)
             b.process.send_signal(signal.SIGKILL)
             b.process.wait()
             # The client's 10 s timeout would fail the test if the answer hung.
@@ -247,6 +253,27 @@ async def test_a_worker_that_is_gone_means_404_at_once(socket_dir: Path) -> None
         assert response.status_code == 404
         assert response.content == SESSION_NOT_FOUND_BODY
         assert "reason=worker_gone" in a.log()
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_sibling_workers_session_is_refused_once_its_token_is_too_old(socket_dir: Path) -> None:
+    """A remembers that the session is B's, and only until the token's age runs out: then 404."""
+    env = {"AFFINITY_WORKER_SOCKET_DIR": str(socket_dir), "AFFINITY_MAX_TOKEN_AGE": "2"}
+    a = start_machine(MACHINE, app="tests.workers_app:app", extra_env=env)
+    b = start_machine(MACHINE, app="tests.workers_app:app", extra_env=env)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            token = await open_session(client, b)
+            for _ in range(3):
+                handed = await client.get(f"{a.url}/disconnects", headers={"mcp-session-id": token})
+                assert handed.headers["x-worker-pid"] == str(b.process.pid)
+            await asyncio.sleep(2.2)
+            response = await client.get(f"{a.url}/disconnects", headers={"mcp-session-id": token})
+        assert response.status_code == 404
+        assert response.content == SESSION_NOT_FOUND_BODY
+        assert "reason=token_expired" in a.log()
     finally:
         a.stop()
         b.stop()

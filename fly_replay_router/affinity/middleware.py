@@ -102,6 +102,9 @@ class AffinityMiddleware:
         # tag, affinity-served-by for a direct request, its session in the budget or None). Bounded as
         # the codec's own memory of verified tokens.
         self._served_here: dict[bytes, tuple[bytes, float, str, bytes, Live | None]] = {}
+        # Tokens verified on this worker for a sibling worker's session: token -> (expiry on the
+        # monotonic clock, the owner worker's tag). Bounded the same way.
+        self._elsewhere: dict[bytes, tuple[float, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -177,15 +180,20 @@ class AffinityMiddleware:
             await send_not_found(send)
             return
         else:
-            # A token this worker served before and not yet expired: its inner id at once. Anything
-            # else (a first sight, another owner, another worker, an expiry passed) takes the whole
-            # decision (``_decide``).
+            # A token this worker served before and not yet expired: its inner id at once; one it
+            # handed to a sibling worker: handed over again at once, unless the request did not come
+            # straight from Fly's proxy. Anything else (a first sight, another owner, an expiry
+            # passed, a hop) takes the whole decision (``_decide``).
             now = time.monotonic()
             here = self._served_here.get(token) if query_carrier is None else None  # type: ignore[arg-type]
             if here is not None and here[1] > now and here[2] is self.workers.tag:
                 served = here[0]
                 served_by = here[3] if not routing else self._served_by(headers, routing)
                 counted = here[4]
+            elif here is None and not routing and (there := self._elsewhere.get(token)) and there[0] > now:  # type: ignore[arg-type]
+                # A sibling worker's session, in a request straight from Fly's proxy: handed over at once.
+                await self._hand_over(scope, receive, send, there[1])
+                return
             else:
                 served = await self._decide(scope, receive, send, token, query_carrier, length, chunked, routing, now)
                 if served is None:
@@ -264,24 +272,41 @@ class AffinityMiddleware:
         worker, _, inner_id = decision.inner_session_id.partition(WORKER_SEPARATOR)
         if worker != tag:
             # Another worker of this machine, or a token minted before workers were named.
-            served_id = await self._other_worker(scope, receive, send, decision.inner_session_id)
+            decided = decide_worker(decision.inner_session_id, this_worker=tag, handed_over=handed_over(scope))
+            if isinstance(decided, HandOver) and query_carrier is None:
+                # Remembered too: the next request of this session straight from Fly's proxy goes to
+                # the owner without the decision (no inner id is kept: this worker serves none).
+                self._remember(token, None, decided.owner_worker, now, monotonic_now, token_text)  # type: ignore[arg-type]
+            served_id = await self._other_worker(scope, receive, send, decided)
             if served_id is None:
                 return None
             return served_id.encode("ascii")
         inner = inner_id.encode("ascii")
         if query_carrier is None:
-            # Remembered with its expiry on this process's monotonic clock: a token only grows older.
-            max_age = self.settings.max_token_age
-            if max_age is None:
-                expires = math.inf
-            else:
-                age = now - self._codec.verify(token_text, now=now).issued_at
-                expires = monotonic_now + max_age - age
-            served_here = self._served_here
-            if len(served_here) >= VERIFIED_TOKENS_KEPT:
-                del served_here[next(iter(served_here))]  # the oldest entry
-            served_here[token] = (inner, expires, tag, self._served_by([], False), self._live.get(inner))  # type: ignore[index]
+            self._remember(token, inner, tag, now, monotonic_now, token_text)  # type: ignore[arg-type]
         return inner
+
+    def _remember(
+        self, token: bytes, inner: bytes | None, worker: str, now: float, monotonic_now: float, token_text: str
+    ) -> None:
+        """Remember a verified token, with its expiry on this process's monotonic clock (a token only
+        grows older): the inner id to serve here, or (``inner`` None) the sibling ``worker`` that owns it."""
+        max_age = self.settings.max_token_age
+        if max_age is None:
+            expires = math.inf
+        else:
+            age = now - self._codec.verify(token_text, now=now).issued_at
+            expires = monotonic_now + max_age - age
+        if inner is None:
+            elsewhere = self._elsewhere
+            if len(elsewhere) >= VERIFIED_TOKENS_KEPT:
+                del elsewhere[next(iter(elsewhere))]  # the oldest entry
+            elsewhere[token] = (expires, worker)
+            return
+        served_here = self._served_here
+        if len(served_here) >= VERIFIED_TOKENS_KEPT:
+            del served_here[next(iter(served_here))]  # the oldest entry
+        served_here[token] = (inner, expires, worker, self._served_by([], False), self._live.get(inner))
 
     def _absorbed(self, scope: Scope, watcher: Watcher, exc: Exception) -> bool:
         """Whether the inner app's exception ends a refusal by design (else it propagates)."""
@@ -384,29 +409,39 @@ class AffinityMiddleware:
         elif outcome.status:
             await send_forward_failure(send, outcome.status)
 
-    async def _other_worker(self, scope: Scope, receive: Receive, send: Send, inner: str) -> str | None:
+    async def _other_worker(
+        self, scope: Scope, receive: Receive, send: Send, decision: Serve | HandOver | Reject
+    ) -> str | None:
         """The inner id to serve here, or None once the request was handed over or answered (503, 404)."""
-        decision = decide_worker(inner, this_worker=self.workers.tag, handed_over=handed_over(scope))
         if isinstance(decision, Serve):
             return decision.inner_session_id
-        owner = f"{self.settings.machine_id}/{decision.owner_worker if isinstance(decision, HandOver) else '-'}"
         if isinstance(decision, HandOver):
-            started = time.perf_counter()
-            outcome = await self.workers.hand_over(
-                scope, receive, send, decision.owner_worker, busy_timeout=self.settings.worker_busy_timeout
-            )
-            if outcome is Outcome.ANSWERED:
-                self._counts.handover(time.perf_counter() - started)
-                self._record(scope, "handed_over", "", owner)
-                return None
-            if outcome is Outcome.BUSY:
-                # The owner is alive and holds the session: the client keeps it and tries again.
-                self._reject(scope, "worker_busy", owner)
-                await send_forward_failure(send, 503)
-                return None
-        self._reject(scope, decision.reason if isinstance(decision, Reject) else "worker_gone", owner)
+            await self._hand_over(scope, receive, send, decision.owner_worker)
+            return None
+        owner = f"{self.settings.machine_id}/-"
+        self._reject(scope, decision.reason, owner)
         await send_not_found(send)
         return None
+
+    async def _hand_over(self, scope: Scope, receive: Receive, send: Send, worker: str) -> None:
+        """Hand the request to the sibling ``worker`` and its answer back; or answer 503 (it is busy) or
+        404 (it is gone)."""
+        owner = f"{self.settings.machine_id}/{worker}"
+        started = time.perf_counter()
+        outcome = await self.workers.hand_over(
+            scope, receive, send, worker, busy_timeout=self.settings.worker_busy_timeout
+        )
+        if outcome is Outcome.ANSWERED:
+            self._counts.handover(time.perf_counter() - started)
+            self._record(scope, "handed_over", "", owner)
+            return
+        if outcome is Outcome.BUSY:
+            # The owner is alive and holds the session: the client keeps it and tries again.
+            self._reject(scope, "worker_busy", owner)
+            await send_forward_failure(send, 503)
+            return
+        self._reject(scope, "worker_gone", owner)
+        await send_not_found(send)
 
     def _record(self, scope: Scope, outcome: str, reason: str, owner: str | None) -> None:
         """Count a decision that is not "served here" and log it as one line."""
