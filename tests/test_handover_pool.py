@@ -420,3 +420,20 @@ async def test_the_arrival_watch_sees_the_next_frame_without_taking_it() -> None
     assert seen == [1, 2, 4]
     with pytest.raises(EOFError):
         await channel.next()
+
+
+async def test_every_task_waiting_for_the_write_buffer_to_drain_goes_on() -> None:
+    channel, _ = _channel()
+    channel.pause_writing()  # the transport's buffer is over its high-water mark
+    waiting = [asyncio.ensure_future(channel.drain()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    channel.resume_writing()
+    async with asyncio.timeout(1):
+        await asyncio.gather(*waiting)
+    channel.pause_writing()
+    lost = asyncio.ensure_future(channel.drain())
+    await asyncio.sleep(0)
+    channel.connection_lost(None)
+    with pytest.raises(ConnectionResetError):
+        await lost

@@ -7,6 +7,7 @@ kernel would pick for ``uvicorn --workers N`` (``test_workers_e2e.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import tempfile
@@ -236,11 +237,23 @@ def _worker_tag(token: str) -> str:
     return inner.split("~")[0]
 
 
-async def test_a_worker_that_is_gone_means_404_at_once(socket_dir: Path) -> None:
-    env = {"AFFINITY_WORKER_SOCKET_DIR": str(socket_dir)}
+@contextlib.contextmanager
+def _two_workers(socket_dir: Path, **env: str) -> Iterator[tuple[Machine, Machine]]:
+    """Two workers of one machine of their own (a test that kills one, or sets its own options)."""
+    env = {"AFFINITY_WORKER_SOCKET_DIR": str(socket_dir), **env}
     a = start_machine(MACHINE, app="tests.workers_app:app", extra_env=env)
-    b = start_machine(MACHINE, app="tests.workers_app:app", extra_env=env)
     try:
+        b = start_machine(MACHINE, app="tests.workers_app:app", extra_env=env)
+        try:
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
+async def test_a_worker_that_is_gone_means_404_at_once(socket_dir: Path) -> None:
+    with _two_workers(socket_dir) as (a, b):
         async with httpx.AsyncClient(timeout=10) as client:
             token = await open_session(client, b)
             # Handed over once first: A remembers the session is B's, and still finds B gone.
@@ -253,17 +266,11 @@ async def test_a_worker_that_is_gone_means_404_at_once(socket_dir: Path) -> None
         assert response.status_code == 404
         assert response.content == SESSION_NOT_FOUND_BODY
         assert "reason=worker_gone" in a.log()
-    finally:
-        a.stop()
-        b.stop()
 
 
 async def test_a_sibling_workers_session_is_refused_once_its_token_is_too_old(socket_dir: Path) -> None:
     """A remembers that the session is B's, and only until the token's age runs out: then 404."""
-    env = {"AFFINITY_WORKER_SOCKET_DIR": str(socket_dir), "AFFINITY_MAX_TOKEN_AGE": "2"}
-    a = start_machine(MACHINE, app="tests.workers_app:app", extra_env=env)
-    b = start_machine(MACHINE, app="tests.workers_app:app", extra_env=env)
-    try:
+    with _two_workers(socket_dir, AFFINITY_MAX_TOKEN_AGE="2") as (a, b):
         async with httpx.AsyncClient(timeout=10) as client:
             token = await open_session(client, b)
             for _ in range(3):
@@ -274,9 +281,6 @@ async def test_a_sibling_workers_session_is_refused_once_its_token_is_too_old(so
         assert response.status_code == 404
         assert response.content == SESSION_NOT_FOUND_BODY
         assert "reason=token_expired" in a.log()
-    finally:
-        a.stop()
-        b.stop()
 
 
 async def _lifespan_only(scope: dict[str, Any], receive: Any, send: Any) -> None:

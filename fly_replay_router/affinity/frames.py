@@ -72,7 +72,7 @@ class FrameChannel(asyncio.Protocol):
         self._frames: deque[tuple[bytes, bytes]] = deque()
         self._frame_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._paused = self._reading_paused = self._lost = False
         # Why no more frames will come: EOFError at the end, the ValueError of a bad frame, an OSError.
         self._end: BaseException | None = None
@@ -132,18 +132,14 @@ class FrameChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._stop(EOFError("the connection ended") if exc is None else exc)
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self._drained()
 
     def pause_writing(self) -> None:
         self._paused = True
 
     def resume_writing(self) -> None:
         self._paused = False
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self._drained()
 
     # The user's side.
 
@@ -195,14 +191,22 @@ class FrameChannel(asyncio.Protocol):
         """Wait while the transport holds more unsent bytes than its high-water mark; ``ConnectionError``
         once the connection is lost."""
         if self._paused and not self._lost:
-            self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+            # Each waiter its own future (two tasks of an app may send at once).
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
         if self._lost:
             raise ConnectionResetError("the hand-over connection was lost")
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _drained(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _wake(self) -> None:
         waiter = self._waiter
