@@ -437,3 +437,13 @@ async def test_every_task_waiting_for_the_write_buffer_to_drain_goes_on() -> Non
     channel.connection_lost(None)
     with pytest.raises(ConnectionResetError):
         await lost
+
+
+async def test_a_second_reader_waiting_at_once_is_an_error_not_a_hang() -> None:
+    channel, _ = _channel()
+    first = asyncio.ensure_future(channel.next())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="two tasks"):
+        await channel.next()
+    channel.data_received(frame(END))
+    assert await first == (END, b"")

@@ -156,11 +156,14 @@ class FrameChannel(asyncio.Protocol):
     async def next(self) -> tuple[bytes, bytes]:
         """The next frame's kind and payload; ``EOFError`` at the end of the connection, ``ValueError``
         for a frame over ``MAX_FRAME_BYTES``, an ``OSError`` if the connection failed. Safe to cancel:
-        a frame is handed out whole or stays for the next call."""
+        a frame is handed out whole or stays for the next call. One reader at a time (as with
+        asyncio's streams, a second one waiting is a ``RuntimeError``)."""
         frames = self._frames
         while not frames:
             if self._end is not None:
                 raise self._end.with_traceback(None)
+            if self._waiter is not None:
+                raise RuntimeError("a hand-over connection read by two tasks at once")
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await waiter

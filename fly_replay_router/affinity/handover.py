@@ -180,19 +180,19 @@ def _streamed_body(scope: Scope) -> bool:
     return b"transfer-encoding" in map(itemgetter(0), scope["headers"])
 
 
-async def _send_request(receive: Receive, writer: FrameChannel, *, body_done: bool) -> None:
+async def _send_request(receive: Receive, channel: FrameChannel, *, body_done: bool) -> None:
     """The rest of the request body to the owner as it arrives; then, once the client leaves, a disconnect."""
     try:
         while not body_done:
-            await writer.drain()
+            await channel.drain()
             message = await receive()
             if message["type"] == "http.disconnect":
-                writer.write(frame(DISCONNECT))
+                channel.write(frame(DISCONNECT))
                 return
             body_done = not message.get("more_body", False)
-            writer.write(frame(BODY_END if body_done else BODY, message.get("body", b"")))
+            channel.write(frame(BODY_END if body_done else BODY, message.get("body", b"")))
         if (await receive())["type"] == "http.disconnect":
-            writer.write(frame(DISCONNECT))
+            channel.write(frame(DISCONNECT))
     except (ConnectionError, OSError):
         return
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from fly_replay_router.affinity.answers import send_forward_failure, send_not_found, send_refusal, send_replay
 from fly_replay_router.affinity.arrival import (
@@ -59,6 +60,13 @@ _ARRIVAL_HEADERS = ROUTING_HEADERS | {HANDED_OVER}
 _READ_HEADERS = (
     frozenset({MCP_SESSION_ID, MCP_PROTOCOL_VERSION, b"content-length", b"transfer-encoding"}) | _ARRIVAL_HEADERS
 )
+
+
+def _keep(memory: dict[bytes, Any], token: bytes, entry: Any) -> None:
+    """Remember ``entry`` for a verified token, dropping the oldest once ``VERIFIED_TOKENS_KEPT`` are held."""
+    if len(memory) >= VERIFIED_TOKENS_KEPT:
+        del memory[next(iter(memory))]
+    memory[token] = entry
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -276,37 +284,26 @@ class AffinityMiddleware:
             if isinstance(decided, HandOver) and query_carrier is None:
                 # Remembered too: the next request of this session straight from Fly's proxy goes to
                 # the owner without the decision (no inner id is kept: this worker serves none).
-                self._remember(token, None, decided.owner_worker, now, monotonic_now, token_text)  # type: ignore[arg-type]
+                entry = (self._expires(now, monotonic_now, token_text), decided.owner_worker)
+                _keep(self._elsewhere, token, entry)  # type: ignore[arg-type]
             served_id = await self._other_worker(scope, receive, send, decided)
             if served_id is None:
                 return None
             return served_id.encode("ascii")
         inner = inner_id.encode("ascii")
         if query_carrier is None:
-            self._remember(token, inner, tag, now, monotonic_now, token_text)  # type: ignore[arg-type]
+            expires = self._expires(now, monotonic_now, token_text)
+            here = (inner, expires, tag, self._served_by([], False), self._live.get(inner))
+            _keep(self._served_here, token, here)  # type: ignore[arg-type]
         return inner
 
-    def _remember(
-        self, token: bytes, inner: bytes | None, worker: str, now: float, monotonic_now: float, token_text: str
-    ) -> None:
-        """Remember a verified token, with its expiry on this process's monotonic clock (a token only
-        grows older): the inner id to serve here, or (``inner`` None) the sibling ``worker`` that owns it."""
+    def _expires(self, now: float, monotonic_now: float, token_text: str) -> float:
+        """When a verified token stops being remembered, on this process's monotonic clock (a token
+        only grows older)."""
         max_age = self.settings.max_token_age
         if max_age is None:
-            expires = math.inf
-        else:
-            age = now - self._codec.verify(token_text, now=now).issued_at
-            expires = monotonic_now + max_age - age
-        if inner is None:
-            elsewhere = self._elsewhere
-            if len(elsewhere) >= VERIFIED_TOKENS_KEPT:
-                del elsewhere[next(iter(elsewhere))]  # the oldest entry
-            elsewhere[token] = (expires, worker)
-            return
-        served_here = self._served_here
-        if len(served_here) >= VERIFIED_TOKENS_KEPT:
-            del served_here[next(iter(served_here))]  # the oldest entry
-        served_here[token] = (inner, expires, worker, self._served_by([], False), self._live.get(inner))
+            return math.inf
+        return monotonic_now + max_age - (now - self._codec.verify(token_text, now=now).issued_at)
 
     def _absorbed(self, scope: Scope, watcher: Watcher, exc: Exception) -> bool:
         """Whether the inner app's exception ends a refusal by design (else it propagates)."""
