@@ -39,24 +39,27 @@ BLOCK_ROUND_TRIPS = 2000
 # seconds since the warm-up.
 WARM_UP = 50
 _ECHO = (
-    f"WARM_UP = {WARM_UP}\n"
+    f"WARM_UP, REQUEST_BYTES, ANSWER = {WARM_UP}, {len(REQUEST)}, {ANSWER!r}\n"
     + """
 import os, resource, socket, sys
 cpu = int(sys.argv[2])
 if cpu >= 0:
     os.sched_setaffinity(0, {cpu})
 peer = socket.socket(fileno=int(sys.argv[1]))
-answer = b"a" * 600
 served = 0
 start = 0.0
-while True:
-    data = peer.recv(65536)
-    if not data:
-        break
-    if len(data) < 1500:
-        while len(data) < 1500:
-            data += peer.recv(65536)
-    peer.sendall(answer)
+
+def request():
+    got = 0
+    while got < REQUEST_BYTES:
+        data = peer.recv(65536)
+        if not data:
+            return False  # the socket closed: the measuring process is done
+        got += len(data)
+    return True
+
+while request():
+    peer.sendall(ANSWER)
     served += 1
     if served == WARM_UP:
         usage = resource.getrusage(resource.RUSAGE_SELF)
